@@ -1,0 +1,35 @@
+"""The one narrow kernel function every DGQ linear calls.
+
+    out[m, n] = s_x[m] * s1[n] * sum_k x_q[m, k] * w_s8[n, k]      (int32 accumulation)
+
+On CPU (and on GPUs until the fused INT4 kernel is built) this is the integer reference path: a
+plain int8 x int8 -> int32 matmul followed by the fp scale epilogue. The fused kernel plugs in here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# cuBLAS int8 GEMM wants more than 16 rows and K, N multiples of 8.
+_CUDA_MIN_ROWS = 17
+
+
+def int8_matmul(x_q: torch.Tensor, w_s8: torch.Tensor) -> torch.Tensor:
+    """x_q (M, K) int8 @ w_s8 (N, K)^T int8 -> (M, N) int32, exact."""
+    if x_q.device.type == "cuda":
+        m, k = x_q.shape
+        if k % 8 or w_s8.shape[0] % 8:
+            return (x_q.double() @ w_s8.double().T).to(torch.int32)  # exact: |sum| << 2^53
+        if m < _CUDA_MIN_ROWS:
+            padded = torch.zeros(_CUDA_MIN_ROWS, k, dtype=torch.int8, device=x_q.device)
+            padded[:m] = x_q
+            return torch._int_mm(padded, w_s8.T)[:m]
+    return torch._int_mm(x_q, w_s8.T)
+
+
+def dual_scale_gemm(
+    x_q: torch.Tensor, x_scale: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """x_q (M, K) int8, x_scale (M, 1) fp32, w_s8 (N, K) int8, s1 (N,) -> (M, N) out_dtype."""
+    acc = int8_matmul(x_q, w_s8)
+    return (acc.float() * x_scale * s1.float().unsqueeze(0)).to(out_dtype)

@@ -1,0 +1,120 @@
+"""Modules that replace nn.Linear in a quantized model: DGQ (integer path) and the group-wise
+baseline format (fake-quantized float path). Both quantize activations to int8 per token, or with
+a static per-tensor scale when the checkpoint carries one."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..gemm import dual_scale_gemm
+from ..quant.dual_grained import DualGrainedWeight, GroupWeight, pack_nibbles, unpack_nibbles
+from ..quant.quantizer import quantize_per_tensor, quantize_per_token
+
+
+class _W4A8Linear(nn.Module):
+    """Shared buffers (packed codes, zeros, optional static input scale, bias) and activation quant."""
+
+    def __init__(self, in_features: int, out_features: int, group: int, bias: bool, static: bool, dtype):
+        super().__init__()
+        if group <= 0 or in_features % group or in_features % 2:
+            raise ValueError(f"group {group} does not divide in_features {in_features}")
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        n_g = in_features // group
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("qzeros", torch.zeros(out_features, n_g, dtype=torch.uint8))
+        self.register_buffer("input_scale", torch.ones(1) if static else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        self._cache: torch.Tensor | None = None
+
+    @classmethod
+    def from_weight(cls, weight, bias, input_scale, dtype):
+        o, h = weight.codes.shape
+        module = cls(h, o, weight.group, bias is not None, input_scale is not None, dtype)
+        module.load_quantized(weight, bias, input_scale)
+        return module
+
+    @torch.no_grad()
+    def load_quantized(self, weight, bias, input_scale) -> None:
+        self.qweight.copy_(pack_nibbles(weight.codes))
+        self.qzeros.copy_(weight.zero)
+        self._load_scales(weight)
+        if bias is not None:
+            self.bias.copy_(bias)
+        if input_scale is not None:
+            self.input_scale.copy_(input_scale)
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x2 = x.reshape(-1, self.in_features)
+        return quantize_per_token(x2) if self.input_scale is None else quantize_per_tensor(x2, self.input_scale)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_nibbles(self.qweight)
+
+    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None  # device/dtype moves invalidate the unpacked weight
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        mode = "static" if self.input_scale is not None else "dynamic"
+        return f"in={self.in_features}, out={self.out_features}, group={self.group}, act={mode}"
+
+
+class DGQLinear(_W4A8Linear):
+    """W4A8 DGQ: int8 GEMM on S2 * (codes - zp), epilogue s_x * s1."""
+
+    def __init__(self, in_features, out_features, group, bias=False, static=False, dtype=torch.float32):
+        super().__init__(in_features, out_features, group, bias, static, dtype)
+        n_g = in_features // group
+        self.register_buffer("scales_s2", torch.ones(out_features, n_g, dtype=torch.int8))
+        self.register_buffer("scales_s1", torch.ones(out_features, dtype=torch.float16))
+
+    def _load_scales(self, weight: DualGrainedWeight) -> None:
+        self.scales_s2.copy_(weight.s2)
+        self.scales_s1.copy_(weight.s1.half())
+
+    def quantized_weight(self) -> DualGrainedWeight:
+        return DualGrainedWeight(self.codes(), self.qzeros, self.scales_s2, self.scales_s1.float())
+
+    def int8_weight(self) -> torch.Tensor:
+        if self._cache is None:
+            self._cache = self.quantized_weight().int8_weight()
+        return self._cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_q, s_x = self.quantize_input(x)
+        out = dual_scale_gemm(x_q, s_x, self.int8_weight(), self.scales_s1, x.dtype)
+        return self._finish(out, x)
+
+
+class GroupW4A8Linear(_W4A8Linear):
+    """Baseline formats (rtn, groupwise, channelwise): float scale per group, fake-quantized matmul."""
+
+    def __init__(self, in_features, out_features, group, bias=False, static=False, dtype=torch.float32):
+        super().__init__(in_features, out_features, group, bias, static, dtype)
+        self.register_buffer("scales", torch.ones(out_features, in_features // group, dtype=torch.float16))
+
+    def _load_scales(self, weight: GroupWeight) -> None:
+        self.scales.copy_(weight.scale.half())
+
+    def quantized_weight(self) -> GroupWeight:
+        return GroupWeight(self.codes(), self.qzeros, self.scales.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cache is None:
+            self._cache = self.quantized_weight().dequantize()
+        x_q, s_x = self.quantize_input(x)
+        out = (x_q.float() * s_x) @ self._cache.T
+        return self._finish(out.to(x.dtype), x)
+
+
+FORMATS: dict[str, type[_W4A8Linear]] = {"dgq": DGQLinear, "w4-group": GroupW4A8Linear}
+
+
+def format_of(weight: DualGrainedWeight | GroupWeight) -> str:
+    return "dgq" if isinstance(weight, DualGrainedWeight) else "w4-group"

@@ -1,0 +1,203 @@
+"""The two-phase grid search of Sec. 3.3, batched over groups, channels and grid points.
+
+Output errors are evaluated from second moments of the calibration activations instead of the
+activations themselves: for one output channel with float weights w and quantized weights q,
+
+    ||X w - X_hat q||^2 = w^T (X^T X) w - 2 w^T (X^T X_hat) q + q^T (X_hat^T X_hat) q,
+
+so the cost of a grid point no longer depends on the number of calibration tokens. Phase 1 uses
+the diagonal (g x g) blocks of these matrices (Eq. 3), phase 2 the full ones (Eq. 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from .dual_grained import (
+    DualGrainedWeight,
+    GroupWeight,
+    QuantizedWeight,
+    dual_grained_codes,
+    grouped,
+    make_dual_grained,
+    split_scales,
+)
+from .quantizer import INT8_MAX, alpha_grid, asym_params, fake_quantize, quantize_codes
+
+Objective = Literal["xhat", "x"]
+Method = Literal["dgq", "rtn-dg", "groupwise", "channelwise", "rtn"]
+METHODS: tuple[str, ...] = ("dgq", "rtn-dg", "groupwise", "channelwise", "rtn")
+
+# Phase-2 grid of the authors' code: alpha = 1.02 - (i + 1) / 80 * 0.82.
+PHASE2_SPAN = 0.82
+# Upper bound on elements of one batched phase-2 tensor (grid points x o x h), to bound memory.
+PHASE2_CHUNK_ELEMENTS = 1 << 25
+
+
+@dataclass(frozen=True)
+class SecondMoments:
+    """Accumulated over calibration tokens: xx = X^T X, xq = X^T X_hat, qq = X_hat^T X_hat (h x h)."""
+
+    xx: torch.Tensor
+    xq: torch.Tensor
+    qq: torch.Tensor
+
+    def objective(self, kind: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross, quad) matrices of the error: the paper's X_hat (default) or float X on both sides."""
+        return (self.xq, self.qq) if kind == "xhat" else (self.xx, self.xx)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    weight: QuantizedWeight
+    error_rtn: float  # relative output error of RTN dual-grained, the "before search" reference
+    error: float  # relative output error of the chosen parameters
+
+
+def _diag_blocks(m: torch.Tensor, group: int) -> torch.Tensor:
+    """(h, h) -> (n_g, g, g): the diagonal blocks of one group each."""
+    n_g = m.shape[0] // group
+    return torch.stack([m[k * group : (k + 1) * group, k * group : (k + 1) * group] for k in range(n_g)])
+
+
+def _error_from_moments(w: torch.Tensor, q: torch.Tensor, cross: torch.Tensor, quad: torch.Tensor) -> torch.Tensor:
+    """-2 w^T cross q + q^T quad q per output channel; q may carry leading batch dimensions."""
+    wc = w @ cross
+    return ((q @ quad) * q).sum(-1) - 2 * (wc * q).sum(-1)
+
+
+def _reference_energy(w: torch.Tensor, moments: SecondMoments) -> torch.Tensor:
+    """||X w||^2 per output channel, the constant term of every error and its normaliser."""
+    return ((w @ moments.xx) * w).sum(-1)
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor, moments: SecondMoments, objective: Objective) -> float:
+    """sum_j ||X w_j - X_hat w_hat_j||^2 / sum_j ||X w_j||^2 for the full layer."""
+    cross, quad = moments.objective(objective)
+    energy = _reference_energy(w, moments)
+    err = energy + _error_from_moments(w, w_hat, cross, quad)
+    return float(err.sum().clamp(min=0) / energy.sum().clamp(min=1e-30))
+
+
+def search_group_scales(
+    w: torch.Tensor, moments: SecondMoments, group: int, grid: torch.Tensor, objective: Objective
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 1 (Eq. 3): per (output channel, group) the 4-bit scale and zero point minimising the
+    group's output error over the clipping grid. Returns float (o, n_g) scales and zeros."""
+    cross, quad = (_diag_blocks(m, group) for m in moments.objective(objective))
+    wg = grouped(w, group)
+    w_min, w_max = wg.amin(-1), wg.amax(-1)
+    wc = torch.einsum("okg,kgh->okh", wg, cross)
+    best_err = torch.full(w_min.shape, float("inf"), device=w.device)
+    best_scale = torch.zeros_like(w_min)
+    best_zero = torch.zeros_like(w_min)
+    for alpha in grid.tolist():
+        scale, zero = asym_params(w_min, w_max, alpha, bits=4)
+        q = fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits=4)
+        err = torch.einsum("okg,kgh,okh->ok", q, quad, q) - 2 * (wc * q).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _channel_scales(w: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """s1 = alpha * max_k |W[j, k]| / 127, rounded to fp16 as stored: (A, o)."""
+    s1 = alphas.unsqueeze(-1) * w.abs().amax(-1).clamp(min=1e-8) / INT8_MAX
+    return s1.half().float().clamp(min=torch.finfo(torch.float16).tiny)
+
+
+def _dual_grained_weights(
+    w: torch.Tensor, group_scale: torch.Tensor, zero: torch.Tensor, s1: torch.Tensor
+) -> torch.Tensor:
+    """Float weights of the DGQ format for a batch of s1 candidates (A, o) -> (A, o, h)."""
+    s2 = split_scales(group_scale, s1)
+    codes = dual_grained_codes(w, zero, s2, s1)
+    deq = (codes - zero.unsqueeze(-1)) * (s2 * s1.unsqueeze(-1)).unsqueeze(-1)
+    return deq.reshape(*s1.shape, w.shape[-1])
+
+
+def search_channel_scales(
+    w: torch.Tensor,
+    group_scale: torch.Tensor,
+    zero: torch.Tensor,
+    moments: SecondMoments,
+    grid: torch.Tensor,
+    objective: Objective,
+) -> torch.Tensor:
+    """Phase 2 (Eq. 6): per output channel the s1 that minimises the full-layer output error once
+    the phase-1 scales are split into int8 S2 and codes are clamped to the Eq. 5 interval. (o,)"""
+    cross, quad = moments.objective(objective)
+    o, h = w.shape
+    chunk = max(1, PHASE2_CHUNK_ELEMENTS // (o * h))
+    best_err = torch.full((o,), float("inf"), device=w.device)
+    best_s1 = torch.zeros(o, device=w.device)
+    for start in range(0, len(grid), chunk):
+        s1 = _channel_scales(w, grid[start : start + chunk].to(w.device))
+        q = _dual_grained_weights(w, group_scale, zero, s1)
+        err = _error_from_moments(w, q, cross, quad)
+        err_min, idx = err.min(0)
+        better = err_min < best_err
+        best_err = torch.where(better, err_min, best_err)
+        best_s1 = torch.where(better, s1.gather(0, idx.unsqueeze(0)).squeeze(0), best_s1)
+    return best_s1
+
+
+def _group_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> GroupWeight:
+    scale = scale.half().float()
+    codes = quantize_codes(grouped(w, group), scale.unsqueeze(-1), zero.unsqueeze(-1), bits=4)
+    return GroupWeight(codes=codes.reshape(w.shape).to(torch.uint8), zero=zero.to(torch.uint8), scale=scale)
+
+
+def _rtn_dual_grained(w: torch.Tensor, group: int) -> DualGrainedWeight:
+    """Table 1's RTN dual-grained: alpha = 1 in both phases, no search."""
+    wg = grouped(w, group)
+    scale, zero = asym_params(wg.amin(-1), wg.amax(-1), 1.0, bits=4)
+    return make_dual_grained(w, scale, zero, _channel_scales(w, torch.ones(1))[0])
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    moments: SecondMoments,
+    *,
+    method: Method = "dgq",
+    group: int = 128,
+    grid1: int = 20,
+    grid2: int = 80,
+    objective: Objective = "xhat",
+) -> SearchResult:
+    """Quantize one linear's weight (o, h) with the given method; errors are relative output errors."""
+    w = w.float()
+    rtn_dg = _rtn_dual_grained(w, group)
+    if method == "rtn-dg":
+        result: QuantizedWeight = rtn_dg
+    elif method == "dgq":
+        scale, zero = search_group_scales(w, moments, group, alpha_grid(grid1), objective)
+        s1 = search_channel_scales(w, scale, zero, moments, alpha_grid(grid2, span=PHASE2_SPAN), objective)
+        result = make_dual_grained(w, scale, zero, s1)
+    else:
+        g = w.shape[1] if method == "channelwise" else group
+        grid = alpha_grid(1 if method == "rtn" else grid1)
+        scale, zero = search_group_scales(w, moments, g, grid, objective)
+        result = _group_weight(w, scale, zero, g)
+    return SearchResult(
+        weight=result,
+        error_rtn=relative_error(w, rtn_dg.dequantize(), moments, objective),
+        error=relative_error(w, result.dequantize(), moments, objective),
+    )
+
+
+def accumulate_moments(
+    x: torch.Tensor, quantize: Callable[[torch.Tensor], torch.Tensor], into: SecondMoments | None
+) -> SecondMoments:
+    """Add one batch of activations x (tokens, h) and their int8 round trip to the running moments."""
+    xf = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    xq = quantize(xf)
+    parts = (xf.T @ xf, xf.T @ xq, xq.T @ xq)
+    if into is None:
+        return SecondMoments(*parts)
+    return SecondMoments(into.xx + parts[0], into.xq + parts[1], into.qq + parts[2])

@@ -1,0 +1,46 @@
+"""Smoothing scales (Sec. 3.4): percentile clipping (Eq. 7) and SmoothQuant, and how they fold.
+
+A smoothing vector k divides the input channels of a linear (X / k) and multiplies the matching
+weight columns (W * k), so the float output is unchanged; 1 / k is folded into whatever produced X
+(a norm's weight and bias, or the output rows of a previous linear).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def percentile_scales(act_absmax: torch.Tensor, percentile: float = 0.5) -> torch.Tensor:
+    """Eq. 7: k_j = max(1, z_j / P) with P the floor(p/100 * C + 1.5)-th largest channel max.
+
+    act_absmax: (C,) max over calibration tokens of |X[:, j]|. Channels below the percentile keep
+    k = 1; only the outlier channels are shrunk to the threshold.
+    """
+    channels = act_absmax.numel()
+    rank = min(channels, max(1, math.floor(percentile / 100 * channels + 1.5)))
+    threshold = torch.topk(act_absmax.float(), rank).values[-1].clamp(min=1e-8)
+    return torch.clamp(act_absmax.float() / threshold, min=1.0)
+
+
+def smoothquant_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant: k_j = max|X_j|^alpha / max|W_j|^(1 - alpha), the baseline option."""
+    a = act_absmax.float().clamp(min=1e-5)
+    w = weight_absmax.float().clamp(min=1e-5)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+
+
+@torch.no_grad()
+def fold_into_producer(weight: torch.Tensor, bias: torch.Tensor | None, k: torch.Tensor) -> None:
+    """Divide what produces X by k: a norm's weight (C,) or a linear's output rows (C, h_in)."""
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    weight.div_(k.to(weight.dtype).reshape(shape))
+    if bias is not None:
+        bias.div_(k.to(bias.dtype))
+
+
+@torch.no_grad()
+def fold_into_consumer(weight: torch.Tensor, k: torch.Tensor) -> None:
+    """Multiply a linear's input columns (o, C) by k."""
+    weight.mul_(k.to(weight.dtype).unsqueeze(0))

@@ -1,0 +1,226 @@
+"""The `dgq` CLI end to end on tiny LLaMA and OPT models, stage by stage, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from dgqtool.checkpoint import load_checkpoint
+from dgqtool.cli import app
+from dgqtool.nn.dgq_linear import DGQLinear, GroupW4A8Linear
+from dgqtool.pipeline import weight_from_tensors
+
+runner = CliRunner()
+SMALL = ["--nsamples", "4", "--seqlen", "64", "--group", "32"]
+
+
+def dgq(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def quantize(model: Path, out: Path, calib: Path, *extra: str):
+    return dgq("quantize", model, "-o", out, "--calib-data", calib, *SMALL, *extra)
+
+
+@pytest.fixture(scope="module")
+def llama_ckpt(tiny_llama, corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "llama-dgq"
+    result = quantize(tiny_llama, out, corpus_file)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_quantize_writes_a_deployable_checkpoint(llama_ckpt):
+    config = json.loads((llama_ckpt / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "dgq" and q["format"] == "dgq" and q["bits"] == 4 and q["group_size"] == 32
+    assert q["activation"] == "dynamic" and q["format_version"] == 1
+    assert (llama_ckpt / "tokenizer.json").is_file()
+    tensors = load_file(str(llama_ckpt / "model.safetensors"))
+    qweight = tensors["model.layers.0.self_attn.q_proj.qweight"]
+    assert qweight.dtype == torch.uint8 and qweight.shape == (64, 32)  # two codes per byte
+    assert tensors["model.layers.0.self_attn.q_proj.scales_s2"].dtype == torch.int8
+    assert tensors["model.layers.0.self_attn.q_proj.scales_s1"].dtype == torch.float16
+    assert "model.layers.0.self_attn.q_proj.weight" not in tensors
+    assert "model.embed_tokens.weight" in tensors  # embeddings stay unquantized
+
+
+def test_pack_then_load_is_bit_exact(llama_ckpt):
+    model, _, _ = load_checkpoint(llama_ckpt)
+    search_dir = llama_ckpt.with_name(llama_ckpt.name + ".work") / "search"
+    for index in range(2):
+        searched = load_file(str(search_dir / f"layer_{index:03d}.safetensors"))
+        layer = model.model.layers[index]
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+            module = layer.get_submodule(name)
+            assert isinstance(module, DGQLinear)
+            expected = weight_from_tensors(name, searched)
+            got = module.quantized_weight()
+            assert torch.equal(got.codes, expected.codes)
+            assert torch.equal(got.zero, expected.zero)
+            assert torch.equal(got.s2, expected.s2)
+            assert torch.equal(got.s1, expected.s1.half().float())
+
+
+def test_loaded_checkpoint_generates_and_keeps_lm_head_float(llama_ckpt):
+    model, tokenizer, _ = load_checkpoint(llama_ckpt)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    ids = tokenizer("the red house", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4
+
+
+def test_rerun_resumes_and_force_redoes(llama_ckpt, tiny_llama, corpus_file):
+    before = (llama_ckpt / "model.safetensors").stat().st_mtime_ns
+    result = quantize(tiny_llama, llama_ckpt, corpus_file, "--no-verify")
+    assert result.exit_code == 0, result.output
+    for stage in ("calibrate", "smooth", "search", "pack"):
+        assert f"{stage}: " in result.output and "skipped" in result.output
+    assert (llama_ckpt / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_changed_option_reruns_only_downstream_stages(llama_ckpt, tiny_llama, corpus_file, tmp_path):
+    out = tmp_path / "static"
+    work = llama_ckpt.with_name(llama_ckpt.name + ".work")
+    result = quantize(tiny_llama, out, corpus_file, "-w", work, "--act", "static", "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert "calibrate: up to date" in result.output and "smooth: up to date" in result.output
+    assert "search: up to date" not in result.output
+    model, _, q = load_checkpoint(out)
+    assert q["activation"] == "static"
+    assert model.model.layers[0].self_attn.q_proj.input_scale.item() > 0
+
+
+@pytest.mark.parametrize("method,module_type", [("rtn-dg", DGQLinear), ("groupwise", GroupW4A8Linear), ("rtn", GroupW4A8Linear)])
+def test_baseline_methods_pack_and_verify(method, module_type, tiny_llama, corpus_file, tmp_path):
+    out = tmp_path / method
+    result = quantize(tiny_llama, out, corpus_file, "--method", method, "--grid1", "4", "--grid2", "4")
+    assert result.exit_code == 0, result.output
+    model, _, q = load_checkpoint(out)
+    assert q["method"] == method
+    assert isinstance(model.model.layers[1].mlp.up_proj, module_type)
+
+
+def test_stage_by_stage_on_opt(tiny_opt, corpus_file, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "opt-dgq"
+    steps = [
+        ("calibrate", tiny_opt, "-w", work, "--calib-data", corpus_file, "--nsamples", "4", "--seqlen", "64"),
+        ("smooth", "-w", work, "--smooth", "smoothquant", "--alpha", "0.5"),
+        ("search", "-w", work, "--group", "32", "--grid2", "20"),
+        ("pack", "-w", work, "-o", out),
+        ("verify", out, "-w", work),
+    ]
+    for step in steps:
+        result = dgq(*step)
+        assert result.exit_code == 0, (step[0], result.output)
+    assert "integer path = float path" in result.output and "FAIL" not in result.output
+    for stage in ("calibrate", "smooth", "search", "pack"):
+        manifest = json.loads((work / stage / "manifest.json").read_text())
+        assert manifest["stage"] == stage and manifest["tool_version"] and "fingerprint" in manifest
+    model, _, _ = load_checkpoint(out)
+    assert isinstance(model.model.decoder.layers[0].fc2, DGQLinear)
+
+
+def test_per_layer_error_table_is_printed(tiny_llama, corpus_file, tmp_path):
+    result = quantize(tiny_llama, tmp_path / "o", corpus_file, "--no-verify")
+    assert "relative output error per layer" in result.output
+    manifest = json.loads((tmp_path / "o.work" / "search" / "manifest.json").read_text())
+    errors = manifest["errors"]
+    assert len(errors) == 14  # 2 layers x 7 linears
+    assert all(row["searched"] < row["rtn_dg"] for row in errors)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def assert_clean_error(result, *fragments: str, code: int = 2):
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def test_missing_model_path(tmp_path, corpus_file):
+    assert_clean_error(quantize(tmp_path / "nope", tmp_path / "o", corpus_file), "not found")
+
+
+def test_unsupported_architecture(tmp_path, corpus_file):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import CORPUS, make_tokenizer
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=200)).save_pretrained(path)
+    make_tokenizer(CORPUS).save_pretrained(path)
+    assert_clean_error(quantize(path, tmp_path / "o", corpus_file), "unsupported architecture 'gpt2'", "llama", "opt")
+
+
+def test_group_that_does_not_divide(tiny_llama, corpus_file, tmp_path):
+    result = dgq("quantize", tiny_llama, "-o", tmp_path / "o", "--calib-data", corpus_file, "--nsamples", "2",
+                 "--seqlen", "32", "--group", "48")
+    assert_clean_error(result, "group size 48 does not divide", "--group 64")
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_activations_are_rejected(tiny_llama, corpus_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "nan-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] = float("nan")
+    model.save_pretrained(broken)
+    for f in tiny_llama.glob("tokenizer*"):
+        (broken / f.name).write_bytes(f.read_bytes())
+    assert_clean_error(quantize(broken, tmp_path / "o", corpus_file), "non-finite calibration activations")
+
+
+def test_stages_out_of_order(tmp_path):
+    assert_clean_error(dgq("search", "-w", tmp_path / "w"), "has not run", "dgq smooth")
+    assert_clean_error(dgq("pack", "-w", tmp_path / "w", "-o", tmp_path / "o"), "has not run")
+
+
+def test_truncated_artifact_is_detected(tiny_llama, corpus_file, tmp_path):
+    work = tmp_path / "w"
+    assert dgq("calibrate", tiny_llama, "-w", work, "--calib-data", corpus_file, "--nsamples", "2", "--seqlen", "32").exit_code == 0
+    stats = work / "calibrate" / "stats.safetensors"
+    stats.write_bytes(stats.read_bytes()[:100])
+    assert_clean_error(dgq("smooth", "-w", work), "does not match its manifest")
+
+
+def test_bad_options_and_calibration_text(tiny_llama, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    assert_clean_error(dgq("quantize", tiny_llama, "-o", tmp_path / "o", "--calib-data", short), "fewer than one window")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    assert_clean_error(dgq("quantize", tiny_llama, "-o", tmp_path / "o", "--calib-data", binary), "binary")
+    assert_clean_error(dgq("quantize", tiny_llama, "-o", tmp_path / "o", "--method", "gptq"), "--method must be one of")
+    assert_clean_error(dgq("quantize", tiny_llama, "-o", tmp_path / "o", "--calib-data", tmp_path / "missing.txt"), "not found")
+
+
+def test_verify_fails_on_a_tampered_checkpoint(llama_ckpt, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_ckpt, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.scales_s2"][0, 0] = 127  # overflows int8 for most codes
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    assert_clean_error(dgq("verify", bad), "does not match the hash", code=3)
+    manifest = json.loads((bad / "dgq_manifest.json").read_text())
+    from dgqtool.artifacts import sha256_file
+
+    manifest["files"]["model.safetensors"] = sha256_file(bad / "model.safetensors")
+    (bad / "dgq_manifest.json").write_text(json.dumps(manifest))
+    assert_clean_error(dgq("verify", bad), "exceeds 127", code=3)
+
+
+def test_verify_rejects_a_non_checkpoint(tiny_llama):
+    assert_clean_error(dgq("verify", tiny_llama), "not a dgq checkpoint", code=3)

@@ -1,0 +1,47 @@
+"""Smoothing: the percentile rule of Eq. 7 and exact output preservation on real architectures."""
+
+import pytest
+import torch
+
+from dgqtool.models.adapters import adapter_for, can_fold, decoder_layers
+from dgqtool.models.load import load_model
+from dgqtool.pipeline import apply_smoothing, input_key
+from dgqtool.quant.smooth import percentile_scales, smoothquant_scales
+
+
+def test_percentile_scales_shrink_only_outliers_to_the_threshold():
+    z = torch.ones(1000)
+    z[:3] = torch.tensor([50.0, 20.0, 10.0])
+    z[3:8] = 2.0
+    # 0.5 % of 1000 channels + 1.5 -> the 6th largest maximum is the threshold (2.0)
+    k = percentile_scales(z, 0.5)
+    assert torch.equal(k[:3], torch.tensor([25.0, 10.0, 5.0]))
+    assert (k[3:] == 1).all()
+    assert (z / k).max() == 2.0
+
+
+def test_smoothquant_scales_balance_activation_and_weight():
+    act, weight = torch.tensor([16.0, 1.0]), torch.tensor([1.0, 4.0])
+    k = smoothquant_scales(act, weight, 0.5)
+    torch.testing.assert_close(act / k, weight * k)
+
+
+@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_opt"])
+def test_smoothing_leaves_the_fp32_output_unchanged(kind, request):
+    model, _, _ = load_model(str(request.getfixturevalue(kind)))
+    adapter = adapter_for(model.config.model_type)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=tokens).logits
+    gen = torch.Generator().manual_seed(1)
+    scales = {}
+    for i, layer in enumerate(decoder_layers(model, adapter)):
+        for group in adapter.inputs:
+            if can_fold(layer, group):
+                width = layer.get_submodule(group.linears[0]).in_features
+                scales[f"{input_key(i, group)}.smooth"] = 1 + 9 * torch.rand(width, generator=gen)
+    assert len(scales) >= 6  # norms and the linear -> linear pairs all fold
+    apply_smoothing(model, adapter, scales)
+    with torch.no_grad():
+        after = model(input_ids=tokens).logits
+    assert float((after - before).norm() / before.norm()) < 1e-4
