@@ -186,7 +186,8 @@ def eval_(
     seqlen: Annotated[int, typer.Option("--seqlen", help="Window length [2048].")] = 2048,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N windows.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward.")] = 1,
-    data_dir: DataDir = None, device: Device = None, dtype: DType = None,
+    data_dir: DataDir = None, device: Device = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Float model dtype [CPU float32, GPU float16].")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="Write the results as JSON.")] = None,
 ):
     """Perplexity under the GPTQ protocol (WikiText-2, PTB, C4), offline with --data-dir."""
@@ -197,7 +198,7 @@ def eval_(
     dev = pick_device(device or "auto")
     reporter = Reporter()
     results = evaluate(model, task, seqlen=seqlen, limit=limit, batch_size=batch_size, data_dir=data_dir,
-                       device=dev, dtype=dtype or "float32", reporter=reporter)
+                       device=dev, dtype=dtype or ("float32" if dev == "cpu" else "float16"), reporter=reporter)
     reporter.table(results_table(results))
     if output is not None:
         write_json(output, results)

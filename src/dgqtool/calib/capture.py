@@ -60,17 +60,15 @@ def record_layer_inputs(model: nn.Module, adapter: Adapter, tokens: torch.Tensor
     layers = getattr(parent, attr)
     base = model.get_submodule(adapter.base)
     setattr(parent, attr, nn.ModuleList([_Recorder(sink, adapter.layer_returns_tuple)]))
-    # The base forward slices layers[:num_hidden_layers]; one recorder entry is enough.
-    moved = [m for name, m in base.named_children() if m is not parent and name != attr]
+    # The base forward slices layers[:num_hidden_layers]; one recorder entry is enough. With the real
+    # layers detached, moving the base moves only embeddings, positions and final norm.
     try:
-        for m in moved:
-            m.to(device)
+        base.to(device)
         for batch in tokens.split(batch_size):
             base(input_ids=batch.to(device), use_cache=False)
     finally:
+        base.to("cpu")
         setattr(parent, attr, layers)
-        for m in moved:
-            m.to("cpu")
     return sink
 
 

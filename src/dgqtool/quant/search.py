@@ -157,7 +157,7 @@ def _rtn_dual_grained(w: torch.Tensor, group: int) -> DualGrainedWeight:
     """Table 1's RTN dual-grained: alpha = 1 in both phases, no search."""
     wg = grouped(w, group)
     scale, zero = asym_params(wg.amin(-1), wg.amax(-1), 1.0, bits=4)
-    return make_dual_grained(w, scale, zero, _channel_scales(w, torch.ones(1))[0])
+    return make_dual_grained(w, scale, zero, _channel_scales(w, torch.ones(1, device=w.device))[0])
 
 
 def quantize_weight(

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Quantize one model with several recipes and score each on WikiText-2 (GPTQ protocol).
+
+    python scripts/reproduce_table.py smollm2-135m --group 64 --out results/smollm2
+
+Every row runs `dgq quantize` then `dgq eval` as subprocesses, exactly as a user would; the FP
+row evaluates the original model. Writes RESULTS.json and RESULTS.md in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> extra `dgq quantize` flags
+ROWS: dict[str, list[str]] = {
+    "W4A8 RTN (g, fp16 scales, no smoothing)": ["--method", "rtn", "--smooth", "none"],
+    "W4A8 SmoothQuant + RTN": ["--method", "rtn", "--smooth", "smoothquant"],
+    "RTN dual-grained (Table 1 RTN)": ["--method", "rtn-dg", "--smooth", "none"],
+    "group-wise W4A8, fp16 scales (upper bound)": ["--method", "groupwise"],
+    "DGQ dynamic": ["--method", "dgq"],
+    "DGQ static": ["--method", "dgq", "--act", "static"],
+    "DGQ, no smoothing": ["--method", "dgq", "--smooth", "none"],
+    "DGQ, objective X (authors' code)": ["--method", "dgq", "--objective", "x"],
+}
+
+
+def dgq(*args: str) -> None:
+    cmd = [sys.executable, "-m", "dgqtool.cli", *args]
+    print("+ dgq", " ".join(args), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def evaluate(target: str, out: Path, name: str, common: list[str]) -> dict:
+    result = out / f"{name}.eval.json"
+    dgq("eval", target, "--output", str(result), *common)
+    return json.loads(result.read_text())["tasks"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("--group", default="128")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--rows", nargs="*", help="subset of row names (substring match)")
+    parser.add_argument("--tasks", nargs="*", default=["wikitext2"])
+    parser.add_argument("--limit", help="windows per task (default: all)")
+    parser.add_argument("--quantize-args", default="", help="extra flags for every `dgq quantize`")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    common = [f for t in args.tasks for f in ("--task", t)] + (["--limit", args.limit] if args.limit else [])
+    table = {"FP (original)": evaluate(args.model, args.out, "fp", common)}
+    timings: dict[str, float] = {}
+    for index, (name, flags) in enumerate(ROWS.items()):
+        if args.rows and not any(r in name for r in args.rows):
+            continue
+        ckpt = args.out / f"row{index}"
+        start = time.time()
+        dgq("quantize", args.model, "-o", str(ckpt), "--group", args.group, "--force", "--no-verify",
+            *flags, *args.quantize_args.split())
+        timings[name] = time.time() - start
+        table[name] = evaluate(str(ckpt), args.out, f"row{index}", common)
+        write_results(args.out, args.tasks, table, timings)  # after every row: partial runs keep their numbers
+
+
+def write_results(out: Path, tasks: list[str], table: dict, timings: dict) -> None:
+    (out / "RESULTS.json").write_text(json.dumps({"ppl": table, "quantize_seconds": timings}, indent=2))
+    lines = ["| method | " + " | ".join(tasks) + " | quantize s |", "|---" * (len(tasks) + 2) + "|"]
+    for name, scores in table.items():
+        cells = " | ".join(f"{scores[t]['ppl']:.2f}" for t in tasks)
+        lines.append(f"| {name} | {cells} | {timings.get(name, 0):.0f} |")
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+if __name__ == "__main__":
+    main()
