@@ -204,6 +204,26 @@ def eval_(
         write_json(output, results)
 
 
+@app.command()
+@_handle_errors
+def run(
+    checkpoint: Annotated[Path, typer.Argument(help="Packed dgq checkpoint directory.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "The capital of France is",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.0,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")] = False,
+    device: Device = None,
+):
+    """Generate from a packed checkpoint (integer DGQ path), streaming text; prints tokens/s and peak memory."""
+    from .pipeline import pick_device
+    from .run import run_checkpoint
+
+    result = run_checkpoint(checkpoint, prompt, device=pick_device(device or "auto"), max_new_tokens=max_new_tokens,
+                            temperature=temperature, chat=chat)
+    Reporter().info(f"{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s), "
+                    f"peak memory {result.peak_memory_mb:.0f} MiB")
+
+
 def main() -> None:
     app()
 
