@@ -40,6 +40,7 @@ from .quant.dual_grained import DualGrainedWeight, GroupWeight, QuantizedWeight,
 from .quant.quantizer import INT8_MAX, fake_quantize_activations
 from .quant.search import SecondMoments, SearchResult, accumulate_moments, quantize_weight
 from .quant.smooth import fold_into_consumer, fold_into_producer, percentile_scales, smoothquant_scales
+from .resources import Usage
 from .recipe import CALIBRATE_OPTIONS, SEARCH_OPTIONS, SMOOTH_OPTIONS, Recipe
 
 STAGES = ("calibrate", "smooth", "search", "pack")
@@ -109,6 +110,7 @@ def calibrate(ctx: Context, model_spec: str) -> dict:
     if not ctx.force and is_finished(stage_dir, "calibrate", options, {}):
         ctx.reporter.info("calibrate: up to date, skipped")
         return read_manifest(stage_dir, "calibrate")
+    usage = Usage()
     model, tokenizer, source = load_model(model_spec, r.dtype, r.trust_remote_code)
     adapter = adapter_for(model.config.model_type)
     tokens = calibration_tokens(tokenizer, r.calib_data, r.nsamples, r.seqlen, r.seed, r.data_dir)
@@ -131,7 +133,7 @@ def calibrate(ctx: Context, model_spec: str) -> dict:
     return write_manifest(
         stage_dir, "calibrate", options, {}, {"stats.safetensors": digest},
         model_type=model.config.model_type, source=source.describe(), foldable=foldable,
-        num_layers=len(layers),
+        num_layers=len(layers), resources=usage.snapshot(),
     )
 
 
@@ -147,6 +149,7 @@ def smooth(ctx: Context) -> dict:
     if not ctx.force and is_finished(stage_dir, "smooth", options, inputs):
         ctx.reporter.info("smooth: up to date, skipped")
         return read_manifest(stage_dir, "smooth")
+    usage = Usage()
     stats = read_tensors(ctx.stage_dir("calibrate") / "stats.safetensors", calib["outputs"]["stats.safetensors"])
     out: dict[str, torch.Tensor] = {}
     keys = sorted({k.rsplit(".", 1)[0] for k in stats if k.endswith(".act_absmax")})
@@ -163,7 +166,8 @@ def smooth(ctx: Context) -> dict:
     digest = write_tensors(stage_dir / "scales.safetensors", out)
     shrunk = sum(int((v > 1).sum()) for n, v in out.items() if n.endswith(".smooth"))
     ctx.reporter.info(f"smooth: {r.smooth}, {shrunk} outlier channels rescaled")
-    return write_manifest(stage_dir, "smooth", options, inputs, {"scales.safetensors": digest})
+    return write_manifest(stage_dir, "smooth", options, inputs, {"scales.safetensors": digest},
+                          resources=usage.snapshot())
 
 
 def apply_smoothing(model: nn.Module, adapter: Adapter, scales: dict[str, torch.Tensor]) -> None:
@@ -308,6 +312,7 @@ def search(ctx: Context) -> dict:
     if not ctx.force and is_finished(stage_dir, "search", options, inputs):
         ctx.reporter.info("search: up to date, skipped")
         return read_manifest(stage_dir, "search")
+    usage = Usage()
     model, _, adapter, scales, calib, _ = _smoothed_model(ctx)
     check_group_size(model, adapter, r.group)
     stats = read_tensors(ctx.stage_dir("calibrate") / "stats.safetensors", calib["outputs"]["stats.safetensors"])
@@ -318,7 +323,8 @@ def search(ctx: Context) -> dict:
         run_layers(model, adapter, stats["tokens"], visitor, ctx.device, r.batch_size)
     outputs = {f"layer_{i:03d}.safetensors": sha256_file(visitor.path(i)) for i in range(len(layers))}
     ctx.reporter.table(error_table(visitor.results))
-    return write_manifest(stage_dir, "search", options, inputs, outputs, errors=visitor.results)
+    return write_manifest(stage_dir, "search", options, inputs, outputs, errors=visitor.results,
+                          resources=usage.snapshot())
 
 
 def error_table(rows: list[dict[str, Any]]) -> Table:
@@ -364,13 +370,15 @@ def quantized_model(ctx: Context):
 def pack(ctx: Context, output: Path) -> dict:
     from .pack import quantization_config, write_checkpoint
 
+    usage = Usage()
     model, tokenizer, adapter, fmt, search_manifest, _ = quantized_model(ctx)
     opts = search_manifest["options"]
     dtype = next(model.parameters()).dtype
     qconfig = quantization_config(adapter, fmt, opts["method"], opts["group"], opts["act"], dtype)
     manifest = write_checkpoint(model, tokenizer, qconfig, output, force=True)
     write_manifest(ctx.stage_dir("pack"), "pack", {"output": str(output.resolve())},
-                   {"search": search_manifest["fingerprint"]}, {}, checkpoint=manifest["files"])
+                   {"search": search_manifest["fingerprint"]}, {}, checkpoint=manifest["files"],
+                   resources=usage.snapshot())
     ctx.reporter.info(f"pack: wrote {output} ({fmt} format, {opts['method']}, g{opts['group']}, {opts['act']})")
     return manifest
 

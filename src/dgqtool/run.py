@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint
+from .resources import peak_rss_mb
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 def _peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_mb()
 
 
 @torch.no_grad()

@@ -7,10 +7,19 @@ activations themselves: for one output channel with float weights w and quantize
 
 so the cost of a grid point no longer depends on the number of calibration tokens. Phase 1 uses
 the diagonal (g x g) blocks of these matrices (Eq. 3), phase 2 the full ones (Eq. 6).
+
+Errors are expanded around the float weights (delta = q - w) rather than in q itself:
+
+    ||X w - X_hat q||^2 = delta^T B delta - 2 w^T (A - B) delta + ||(X - X_hat) w||^2,
+    A = X^T X_hat, B = X_hat^T X_hat,
+
+so every grid-dependent term is of the size of the error, not of ||X w||^2. That keeps the
+comparison between grid points accurate even when the big matmul runs in TF32 on a GPU.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -63,22 +72,30 @@ def _diag_blocks(m: torch.Tensor, group: int) -> torch.Tensor:
     return torch.stack([m[k * group : (k + 1) * group, k * group : (k + 1) * group] for k in range(n_g)])
 
 
-def _error_from_moments(w: torch.Tensor, q: torch.Tensor, cross: torch.Tensor, quad: torch.Tensor) -> torch.Tensor:
-    """-2 w^T cross q + q^T quad q per output channel; q may carry leading batch dimensions."""
-    wc = w @ cross
-    return ((q @ quad) * q).sum(-1) - 2 * (wc * q).sum(-1)
+def _delta_error(delta: torch.Tensor, linear: torch.Tensor, quad: torch.Tensor) -> torch.Tensor:
+    """delta^T quad delta - 2 linear . delta per output channel (leading batch dimensions allowed)."""
+    with _tf32():
+        quadratic = ((delta @ quad) * delta).sum(-1)
+    return quadratic - 2 * (linear * delta).sum(-1)
 
 
-def _reference_energy(w: torch.Tensor, moments: SecondMoments) -> torch.Tensor:
-    """||X w||^2 per output channel, the constant term of every error and its normaliser."""
-    return ((w @ moments.xx) * w).sum(-1)
+@contextmanager
+def _tf32():
+    """TF32 tensor cores for the one large matmul; exact enough since its operand is delta."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor, moments: SecondMoments, objective: Objective) -> float:
     """sum_j ||X w_j - X_hat w_hat_j||^2 / sum_j ||X w_j||^2 for the full layer."""
     cross, quad = moments.objective(objective)
-    energy = _reference_energy(w, moments)
-    err = energy + _error_from_moments(w, w_hat, cross, quad)
+    energy = ((w @ moments.xx) * w).sum(-1)
+    floor = ((w @ (moments.xx - cross - cross.T + quad)) * w).sum(-1)  # ||(X - X_hat) w||^2
+    err = floor + _delta_error(w_hat - w, w @ (cross - quad), quad)
     return float(err.sum().clamp(min=0) / energy.sum().clamp(min=1e-30))
 
 
@@ -90,14 +107,14 @@ def search_group_scales(
     cross, quad = (_diag_blocks(m, group) for m in moments.objective(objective))
     wg = grouped(w, group)
     w_min, w_max = wg.amin(-1), wg.amax(-1)
-    wc = torch.einsum("okg,kgh->okh", wg, cross)
+    linear = torch.einsum("okg,kgh->okh", wg, cross - quad)
     best_err = torch.full(w_min.shape, float("inf"), device=w.device)
     best_scale = torch.zeros_like(w_min)
     best_zero = torch.zeros_like(w_min)
     for alpha in grid.tolist():
         scale, zero = asym_params(w_min, w_max, alpha, bits=4)
-        q = fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits=4)
-        err = torch.einsum("okg,kgh,okh->ok", q, quad, q) - 2 * (wc * q).sum(-1)
+        delta = fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits=4) - wg
+        err = torch.einsum("okg,kgh,okh->ok", delta, quad, delta) - 2 * (linear * delta).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -132,14 +149,14 @@ def search_channel_scales(
     """Phase 2 (Eq. 6): per output channel the s1 that minimises the full-layer output error once
     the phase-1 scales are split into int8 S2 and codes are clamped to the Eq. 5 interval. (o,)"""
     cross, quad = moments.objective(objective)
+    linear = w @ (cross - quad)
     o, h = w.shape
     chunk = max(1, PHASE2_CHUNK_ELEMENTS // (o * h))
     best_err = torch.full((o,), float("inf"), device=w.device)
     best_s1 = torch.zeros(o, device=w.device)
     for start in range(0, len(grid), chunk):
         s1 = _channel_scales(w, grid[start : start + chunk].to(w.device))
-        q = _dual_grained_weights(w, group_scale, zero, s1)
-        err = _error_from_moments(w, q, cross, quad)
+        err = _delta_error(_dual_grained_weights(w, group_scale, zero, s1) - w, linear, quad)
         err_min, idx = err.min(0)
         better = err_min < best_err
         best_err = torch.where(better, err_min, best_err)
