@@ -99,7 +99,10 @@ def run_layers(
     on_layer: Callable[[int], None] | None = None,
 ) -> None:
     """The sequential pipeline: per layer, a calibration pass with hooks, the visitor's work, and
-    (only if the layer changed) a second pass whose outputs feed the next layer."""
+    (only if the layer changed) a second pass whose outputs feed the next layer.
+
+    The layer stack is consumed: a finished layer moves to the meta device instead of back to the
+    CPU, so peak memory is the loaded model plus one layer's activations, not a second copy."""
     inputs = record_layer_inputs(model, adapter, tokens, batch_size, device)
     for index, layer in enumerate(decoder_layers(model, adapter)):
         layer.to(device)
@@ -111,7 +114,7 @@ def run_layers(
                 handle.remove()
         if visitor.finish(index, layer):
             outs = _forward(layer, inputs, device)
-        layer.to("cpu")
+        layer.to("meta")
         inputs.hidden = outs
         if on_layer is not None:
             on_layer(index)
