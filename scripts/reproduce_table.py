@@ -26,6 +26,9 @@ ROWS: dict[str, list[str]] = {
     "DGQ static": ["--method", "dgq", "--act", "static"],
     "DGQ, no smoothing": ["--method", "dgq", "--smooth", "none"],
     "DGQ, objective X (authors' code)": ["--method", "dgq", "--objective", "x"],
+    "DGQ + phase-3 refinement (ours)": ["--method", "dgq", "--refine"],
+    "DGQ static + phase-3 refinement": ["--method", "dgq", "--act", "static", "--refine"],
+    "DGQ, 32 calibration samples": ["--method", "dgq", "--nsamples", "32"],
 }
 
 

@@ -12,6 +12,7 @@ from dgqtool.quant.dual_grained import (
     format_violations,
     make_dual_grained,
     pack_nibbles,
+    split_scales,
     unpack_nibbles,
 )
 from dgqtool.quant.quantizer import alpha_grid, asym_params, fake_quantize, quantize_codes, quantize_per_token
@@ -80,7 +81,7 @@ def test_make_dual_grained_int8_weight_equals_dequantized_over_s1():
     w = torch.randn(16, 128)
     gs, zero = asym_params(w.view(16, 2, 64).amin(-1), w.view(16, 2, 64).amax(-1), 1.0, 4)
     s1 = w.abs().amax(1) / 127
-    q = make_dual_grained(w, gs, zero, s1)
+    q = make_dual_grained(w, split_scales(gs, s1), zero, s1)
     assert format_violations(q) == []
     torch.testing.assert_close(q.dequantize(), q.int8_weight().float() * q.s1.unsqueeze(1))
     # the dual-grained weight approximates w to within one int8 step per group

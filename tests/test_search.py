@@ -91,3 +91,12 @@ def test_batched_phase1_equals_a_per_group_loop():
                     best = (err, float(s), float(z))
             assert scale[j, k].item() == pytest.approx(best[1], rel=1e-5)
             assert zero[j, k].item() == best[2]
+
+
+def test_phase3_refinement_never_increases_the_group_errors():
+    x, w = outlier_data(seed=5)
+    m = moments_of(x)
+    plain = quantize_weight(w, m, method="dgq", group=64)
+    refined = quantize_weight(w, m, method="dgq", group=64, refine=True)
+    assert format_violations(refined.weight) == []
+    assert refined.error < plain.error

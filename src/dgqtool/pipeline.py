@@ -286,7 +286,7 @@ class _LayerSearch:
                     linear = layer.get_submodule(name)
                     result: SearchResult = quantize_weight(
                         linear.weight.detach(), moments, method=r.method, group=r.group,
-                        grid1=r.grid1, grid2=r.grid2, objective=r.objective,
+                        grid1=r.grid1, grid2=r.grid2, objective=r.objective, refine=r.refine,
                     )
                     tensors.update(weight_tensors(name, result.weight))
                     if scale is not None:

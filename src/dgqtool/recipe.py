@@ -44,6 +44,7 @@ class Recipe:
     grid1: int = 20
     grid2: int | None = None
     objective: str = "xhat"
+    refine: bool = False
 
     def with_overrides(self, **values: Any) -> "Recipe":
         """Copy with the options the user actually passed (None means not given)."""
@@ -91,7 +92,7 @@ class Recipe:
 # Options that change each stage's result (and therefore its fingerprint).
 CALIBRATE_OPTIONS = ("calib_data", "nsamples", "seqlen", "seed", "dtype")
 SMOOTH_OPTIONS = ("smooth", "percentile", "alpha")
-SEARCH_OPTIONS = ("method", "group", "act", "grid1", "grid2", "objective")
+SEARCH_OPTIONS = ("method", "group", "act", "grid1", "grid2", "objective", "refine")
 
 
 def load_config(path: str | None) -> Recipe:

@@ -103,11 +103,8 @@ def dual_grained_codes(
     return torch.maximum(torch.minimum(torch.round(wg / scale) + zero.unsqueeze(-1), hi), lo)
 
 
-def make_dual_grained(
-    w: torch.Tensor, group_scale: torch.Tensor, zero: torch.Tensor, s1: torch.Tensor
-) -> DualGrainedWeight:
-    """Build the integer DGQ format from float weights (o, h), phase-1 scales/zeros (o, n_g), s1 (o,)."""
-    s2 = split_scales(group_scale, s1)
+def make_dual_grained(w: torch.Tensor, s2: torch.Tensor, zero: torch.Tensor, s1: torch.Tensor) -> DualGrainedWeight:
+    """Build the integer DGQ format from float weights (o, h), int-valued S2 and zeros (o, n_g), s1 (o,)."""
     codes = dual_grained_codes(w.float(), zero.float(), s2, s1.float())
     return DualGrainedWeight(
         codes=codes.reshape(w.shape).to(torch.uint8),
