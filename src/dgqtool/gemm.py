@@ -2,8 +2,8 @@
 
     out[m, n] = s_x[m] * s1[n] * sum_k x_q[m, k] * w_s8[n, k]      (int32 accumulation)
 
-On CPU (and on GPUs until the fused INT4 kernel is built) this is the integer reference path: a
-plain int8 x int8 -> int32 matmul followed by the fp scale epilogue. The fused kernel plugs in here.
+On CPU (and wherever the CUDA kernels of dgqtool.kernels do not apply) this is the integer reference
+path: a plain int8 x int8 -> int32 matmul followed by the fp scale epilogue, which the kernels match.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..gemm import dual_scale_gemm
+from ..kernels import runtime as kernels
 from ..quant.dual_grained import DualGrainedWeight, GroupWeight, pack_nibbles, unpack_nibbles
 from ..quant.quantizer import quantize_per_tensor, quantize_per_token
 
@@ -87,8 +88,13 @@ class DGQLinear(_W4A8Linear):
         return self._cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q, s_x = self.quantize_input(x)
-        out = dual_scale_gemm(x_q, s_x, self.int8_weight(), self.scales_s1, x.dtype)
+        lib = kernels.library_for(x)
+        if lib is not None:
+            out = kernels.dgq_linear(lib, x.reshape(-1, self.in_features), self.qweight, self.scales_s2,
+                                     self.qzeros, self.scales_s1, self.group, self.input_scale)
+        else:
+            x_q, s_x = self.quantize_input(x)
+            out = dual_scale_gemm(x_q, s_x, self.int8_weight(), self.scales_s1, x.dtype)
         return self._finish(out, x)
 
 

@@ -150,3 +150,15 @@ def format_violations(weight: QuantizedWeight) -> list[str]:
     if not torch.isfinite(scales.float()).all() or bool((scales.float() <= 0).any()):
         problems.append("non-finite or non-positive float scales")
     return problems
+
+
+def random_dual_grained(o: int, h: int, group: int, generator: torch.Generator | None = None) -> DualGrainedWeight:
+    """A valid DGQ weight with random codes, zero points and scales (kernel tests and benchmarks)."""
+    n_g = h // group
+    s2 = torch.randint(1, 17, (o, n_g), generator=generator).to(torch.int8)
+    zero = torch.randint(0, CODE_MAX + 1, (o, n_g), generator=generator).to(torch.uint8)
+    lo, hi = code_interval(zero, s2)
+    raw = torch.randint(0, CODE_MAX + 1, (o, n_g, group), generator=generator).to(torch.uint8)
+    codes = torch.minimum(torch.maximum(raw, lo.unsqueeze(-1)), hi.unsqueeze(-1)).reshape(o, h)
+    s1 = torch.rand(o, generator=generator) * 1e-3 + 1e-4
+    return DualGrainedWeight(codes, zero, s2, s1)

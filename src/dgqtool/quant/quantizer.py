@@ -54,7 +54,9 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x: (..., h) float. Returns int8 codes of x's shape and float32 scales of shape (..., 1).
     """
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=1e-8)
+    # times the float32 reciprocal (what torch's CUDA division by a scalar computes), so CPU, GPU
+    # and the quantization kernel agree to the bit
+    scale = (xf.abs().amax(dim=-1, keepdim=True) * (1.0 / INT8_MAX)).clamp(min=1e-8)
     q = torch.clamp(torch.round(xf / scale), -INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 

@@ -1,0 +1,228 @@
+// Hand-written DGQ kernels (any arch with dp4a, sm_61+): the exact 4-bit -> int8 weight
+// conversion, a fused W4A8 GEMV for decode-sized M, and per-token int8 activation quantization.
+//
+// Packed layout (dgqtool.quant.dual_grained.pack_nibbles): byte i of a weight row holds input
+// feature 2i in the low nibble and 2i+1 in the high one, so a little-endian 32-bit word holds
+// features 8j..8j+7 at bits 4t. S2 (int8) and zp (uint8) are (N, K/g); s1 is fp16 (N,).
+//
+// Conversion, 2 instructions per 4 weights (LiquidGEMM's IMAD + XOR): with
+//   C = (128 - S2*zp) * 0x01010101 (mod 2^32),
+//   ((word & 0x0F0F0F0F) * S2 + C) ^ 0x80808080
+// every byte is 128 + S2*(code - zp) in [1, 255] before the XOR -- DGQ's code clamp keeps
+// |S2*(code - zp)| <= 127, so no byte carries -- and the XOR turns it into that int8 exactly.
+// The low nibbles give features 8j+{0,2,4,6}, the high ones 8j+{1,3,5,7}.
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cstdint>
+
+namespace {
+
+__device__ __forceinline__ uint32_t group_constant(int s2, int zp) {
+  return static_cast<uint32_t>(128 - s2 * zp) * 0x01010101u;
+}
+
+__device__ __forceinline__ void convert8(uint32_t word, uint32_t s2, uint32_t c, uint32_t& even, uint32_t& odd) {
+  even = ((word & 0x0F0F0F0Fu) * s2 + c) ^ 0x80808080u;
+  odd = (((word >> 4) & 0x0F0F0F0Fu) * s2 + c) ^ 0x80808080u;
+}
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_float(float v) { return v; }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+
+// One thread per 32 input features (one uint4 of codes): writes the int8 weight row-major (N, K).
+__global__ void unpack_s8_kernel(const uint4* __restrict__ qweight, const int8_t* __restrict__ s2,
+                                 const uint8_t* __restrict__ zp, uint4* __restrict__ w, int n, int k, int group) {
+  const int chunks_per_row = k / 32;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<int64_t>(n) * chunks_per_row) return;
+  const int row = static_cast<int>(i / chunks_per_row);
+  const int g = static_cast<int>(i % chunks_per_row) * 32 / group;
+  const int64_t sg = static_cast<int64_t>(row) * (k / group) + g;
+  const uint32_t scale = static_cast<uint32_t>(s2[sg]);
+  const uint32_t c = group_constant(s2[sg], zp[sg]);
+  const uint4 q = qweight[i];
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+  uint32_t outw[8];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t even, odd;
+    convert8(words[j], scale, c, even, odd);
+    outw[2 * j] = __byte_perm(even, odd, 0x5140);      // features 8j+0..3
+    outw[2 * j + 1] = __byte_perm(even, odd, 0x7362);  // features 8j+4..7
+  }
+  w[2 * i] = make_uint4(outw[0], outw[1], outw[2], outw[3]);
+  w[2 * i + 1] = make_uint4(outw[4], outw[5], outw[6], outw[7]);
+}
+
+// Fused W4A8 GEMV for M <= ROWS: one warp per output channel streams its packed codes with
+// 16-byte loads, converts in registers and accumulates with dp4a against the int8 activations,
+// whose bytes are permuted to the even/odd feature order of the converted words.
+template <int ROWS, typename Out>
+__global__ void gemv_kernel(const uint4* __restrict__ qweight, const int8_t* __restrict__ s2,
+                            const uint8_t* __restrict__ zp, const __half* __restrict__ s1,
+                            const int8_t* __restrict__ x, const float* __restrict__ s_x, Out* __restrict__ out,
+                            int m, int n, int k, int group) {
+  const int lane = threadIdx.x & 31;
+  const int channel = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (channel >= n) return;
+  const int chunks = k / 32, groups = k / group;
+  const uint4* row = qweight + static_cast<int64_t>(channel) * chunks;
+  int acc[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0;
+
+#pragma unroll 4
+  for (int chunk = lane; chunk < chunks; chunk += 32) {
+    const uint4 q = __ldg(row + chunk);
+    const int sg = channel * groups + chunk * 32 / group;
+    const uint32_t scale = static_cast<uint32_t>(s2[sg]);
+    const uint32_t c = group_constant(s2[sg], zp[sg]);
+    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+    uint32_t even[4], odd[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) convert8(words[j], scale, c, even[j], odd[j]);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (r < m) {
+        const uint4* xr = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(r) * k) + chunk * 2;
+        const uint4 a = __ldg(xr), b = __ldg(xr + 1);
+        const uint32_t xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          acc[r] = __dp4a(static_cast<int>(even[j]), static_cast<int>(__byte_perm(xs[2 * j], xs[2 * j + 1], 0x6420)), acc[r]);
+          acc[r] = __dp4a(static_cast<int>(odd[j]), static_cast<int>(__byte_perm(xs[2 * j], xs[2 * j + 1], 0x7531)), acc[r]);
+        }
+      }
+    }
+  }
+  const float scale_w = __half2float(s1[channel]);
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    int v = acc[r];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (lane == 0 && r < m) out[static_cast<int64_t>(r) * n + channel] = from_float<Out>((static_cast<float>(v) * s_x[r]) * scale_w);
+  }
+}
+
+// Per-token (static_scale == nullptr) or static per-tensor symmetric int8, bit-identical to
+// dgqtool.quant.quantizer: scale = max(amax * (1/127), 1e-8), q = clamp(rint(x / scale), -127, 127).
+// VEC elements per 16-byte load; the row is read twice (the second time from L1/L2).
+template <typename In>
+__global__ void quantize_rows_kernel(const In* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale,
+                                     const float* __restrict__ static_scale, int k) {
+  constexpr int VEC = 16 / sizeof(In);
+  const In* row = x + static_cast<int64_t>(blockIdx.x) * k;
+  int8_t* qrow = q + static_cast<int64_t>(blockIdx.x) * k;
+  const int vectors = k / VEC;
+  __shared__ float warp_max[32];
+  float s;
+  if (static_scale == nullptr) {
+    float amax = 0.f;
+    for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
+      const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
+      const In* e = reinterpret_cast<const In*>(&raw);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = amax;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      amax = threadIdx.x < blockDim.x / 32 ? warp_max[threadIdx.x] : 0.f;
+      for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+      if (threadIdx.x == 0) warp_max[0] = fmaxf(amax * (1.0f / 127.f), 1e-8f);
+    }
+    __syncthreads();
+    s = warp_max[0];
+  } else {
+    s = static_scale[0];
+  }
+  if (threadIdx.x == 0) scale[blockIdx.x] = s;
+  for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
+    const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
+    const In* e = reinterpret_cast<const In*>(&raw);
+    int8_t out[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = static_cast<int8_t>(fminf(fmaxf(rintf(__fdiv_rn(to_float(e[j]), s)), -127.f), 127.f));
+    if constexpr (VEC == 8) {
+      reinterpret_cast<uint2*>(qrow)[v] = *reinterpret_cast<const uint2*>(out);
+    } else {
+      reinterpret_cast<uint32_t*>(qrow)[v] = *reinterpret_cast<const uint32_t*>(out);
+    }
+  }
+}
+
+template <int ROWS, typename Out>
+int launch_gemv(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+                const float* s_x, void* out, int m, int n, int k, int group, cudaStream_t stream) {
+  constexpr int warps = 8;
+  gemv_kernel<ROWS, Out><<<(n + warps - 1) / warps, warps * 32, 0, stream>>>(
+      static_cast<const uint4*>(qweight), s2, zp, static_cast<const __half*>(s1), x, s_x, static_cast<Out*>(out),
+      m, n, k, group);
+  return cudaGetLastError() == cudaSuccess ? 0 : 3;
+}
+
+template <typename Out>
+int gemv_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+                  const float* s_x, void* out, int m, int n, int k, int group, cudaStream_t stream) {
+  if (k % 32 || group % 32 || k % group) return 1;
+  if (m <= 1) return launch_gemv<1, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+  if (m <= 2) return launch_gemv<2, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+  if (m <= 4) return launch_gemv<4, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+  if (m <= 8) return launch_gemv<8, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+  if (m <= 16) return launch_gemv<16, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+  return 1;
+}
+
+template <typename In>
+int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k, cudaStream_t stream) {
+  if (k % (16 / sizeof(In))) return 1;
+  const int threads = k >= 4096 ? 256 : 128;
+  quantize_rows_kernel<In><<<m, threads, 0, stream>>>(static_cast<const In*>(x), q, scale, static_scale, k);
+  return cudaGetLastError() == cudaSuccess ? 0 : 3;
+}
+
+}  // namespace
+
+// C entry points (loaded with ctypes). Return 0 on success, 1 unsupported shape, 3 launch error.
+extern "C" int dgq_unpack_s8(const void* qweight, const int8_t* s2, const uint8_t* zp, int8_t* w, int n, int k,
+                             int group, cudaStream_t stream) {
+  if (k % 32 || group % 32 || k % group) return 1;
+  const int64_t threads = static_cast<int64_t>(n) * (k / 32);
+  unpack_s8_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
+      static_cast<const uint4*>(qweight), s2, zp, reinterpret_cast<uint4*>(w), n, k, group);
+  return cudaGetLastError() == cudaSuccess ? 0 : 3;
+}
+
+extern "C" int dgq_gemv_f16(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+                            const float* s_x, void* out, int m, int n, int k, int group, cudaStream_t stream) {
+  return gemv_dispatch<__half>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+}
+
+extern "C" int dgq_gemv_bf16(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+                             const float* s_x, void* out, int m, int n, int k, int group, cudaStream_t stream) {
+  return gemv_dispatch<__nv_bfloat16>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+}
+
+extern "C" int dgq_quantize_rows_f16(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k,
+                                     cudaStream_t stream) {
+  return quantize_rows<__half>(x, q, scale, static_scale, m, k, stream);
+}
+
+extern "C" int dgq_quantize_rows_bf16(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k,
+                                      cudaStream_t stream) {
+  return quantize_rows<__nv_bfloat16>(x, q, scale, static_scale, m, k, stream);
+}
+
+extern "C" int dgq_quantize_rows_f32(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k,
+                                     cudaStream_t stream) {
+  return quantize_rows<float>(x, q, scale, static_scale, m, k, stream);
+}

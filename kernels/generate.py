@@ -1,0 +1,129 @@
+"""Emit the sm90 int8 GEMM instantiations for DGQ with the CUTLASS Python emitter (cutlass_library).
+
+Each variant is a TMA warp-specialized s8 x s8 -> s32 GEMM, X (M x K, row-major) times the int8
+weight (N x K, i.e. column-major K x N), whose epilogue visitor tree applies DGQ's two fp scales:
+    D[m, n] = ((float(acc[m, n]) * s_x[m]) * s1[n])     (rounded once to fp16 / bf16)
+in the same order as the torch reference (`dgqtool.gemm.dual_scale_gemm`), so outputs are
+bit-identical. The emitter writes the kernel types; the extern "C" launcher around each is ours,
+because the emitter's PyTorch path only forwards alpha/beta, not visitor-tree arguments.
+
+    python kernels/generate.py OUT_DIR      # writes OUT_DIR/gemm_<variant>.cu and variants.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cutlass_library import library as L
+from cutlass_library.gemm_operation import EmitGemmUniversal3xInstance, GemmOperation
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One tile configuration; `name` is the symbol suffix the runtime looks up."""
+
+    tile: tuple[int, int, int]
+    cluster: tuple[int, int, int]
+    schedule: str  # "cooperative" | "pingpong"
+
+    @property
+    def name(self) -> str:
+        m, n, k = self.tile
+        return f"{self.schedule[:2]}_{m}x{n}x{k}_c{self.cluster[0]}x{self.cluster[1]}"
+
+
+# Chosen from measurements on H100 (../shared/bench/BASELINES.md): cooperative 128x256 with a
+# 2x1 cluster wins at large M, 256x128 on the down projection, ping-pong 128x128 at medium M.
+VARIANTS = (
+    Variant((128, 256, 128), (2, 1, 1), "cooperative"),
+    Variant((256, 128, 128), (1, 1, 1), "cooperative"),
+    Variant((128, 128, 128), (1, 1, 1), "pingpong"),
+)
+OUT_TYPES = {"f16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
+
+_SCHEDULES = {
+    "cooperative": (L.KernelScheduleType.TmaWarpSpecializedCooperative, L.EpilogueScheduleType.TmaWarpSpecializedCooperative),
+    "pingpong": (L.KernelScheduleType.TmaWarpSpecializedPingpong, L.EpilogueScheduleType.TmaWarpSpecialized),
+}
+
+
+class ScaleEpilogue:
+    """Visitor tree (acc * s_x[row]) * s1[col]; cutlass_library emits any object with emit_declaration."""
+
+    def __init__(self, tile: tuple[int, int, int], out_type: str):
+        self.tile, self.out_type = tile, out_type
+
+    def emit_declaration(self) -> str:
+        m, n, k = self.tile
+        tile = f"cute::Shape<cute::_{m}, cute::_{n}, cute::_{k}>"
+        f = "cutlass::epilogue::fusion"
+        rn = "cutlass::FloatRoundStyle::round_to_nearest"
+        return (
+            f"{f}::Sm90EVT<{f}::Sm90Compute<cutlass::multiplies, {self.out_type}, float, {rn}>,"
+            f" {f}::Sm90EVT<{f}::Sm90Compute<cutlass::multiplies, float, float, {rn}>,"
+            f" {f}::Sm90AccFetch, {f}::Sm90ColBroadcast<0, {tile}, float>>,"
+            f" {f}::Sm90RowBroadcast<0, {tile}, cutlass::half_t, float>>"
+        )
+
+
+def operation(variant: Variant, out: str) -> GemmOperation:
+    math = L.MathInstruction([64, variant.tile[1], 32], L.DataType.s8, L.DataType.s8, L.DataType.s32,
+                             L.OpcodeClass.TensorOp, L.MathOperation.multiply_add)
+    tile = L.TileDescription(list(variant.tile), 0, [4, 1, 1], math, 90, 90, list(variant.cluster))
+    out_dtype = L.DataType.f16 if out == "f16" else L.DataType.bf16
+    kernel_schedule, epilogue_schedule = _SCHEDULES[variant.schedule]
+    return GemmOperation(
+        L.GemmKind.Universal3x, 90, tile,
+        L.TensorDescription(L.DataType.s8, L.LayoutType.RowMajor, 16),
+        L.TensorDescription(L.DataType.s8, L.LayoutType.ColumnMajor, 16),
+        L.TensorDescription(L.DataType.void, L.LayoutType.RowMajor, 8),
+        L.DataType.f32,
+        epilogue_functor=ScaleEpilogue(variant.tile, OUT_TYPES[out]),
+        D=L.TensorDescription(out_dtype, L.LayoutType.RowMajor, 8),
+        kernel_schedule=kernel_schedule, epilogue_schedule=epilogue_schedule,
+    )
+
+
+LAUNCHER = """
+extern "C" int dgq_gemm_{symbol}(const int8_t* x, const int8_t* w, const float* s_x, const void* s1,
+                                 void* out, int m, int n, int k, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream) {{
+  return dgq::run_gemm<cutlass::gemm::device::GemmUniversalAdapter<{op}>>(
+      x, w, s_x, s1, out, m, n, k, workspace, workspace_bytes, stream);
+}}
+extern "C" size_t dgq_gemm_{symbol}_workspace(int m, int n, int k) {{
+  return dgq::gemm_workspace<cutlass::gemm::device::GemmUniversalAdapter<{op}>>(m, n, k);
+}}
+"""
+
+
+def emit_variant(variant: Variant, out: str) -> str:
+    op = operation(variant, out)
+    emitter = EmitGemmUniversal3xInstance()
+    # cutlass_library 4.2 reads a custom functor from the emitter, not from the operation
+    emitter.epilogue_functor = op.epilogue_functor
+    body = emitter.emit(op)
+    name = op.procedural_name()
+    return (
+        '#include "dgq_gemm_sm90.cuh"\n'
+        + body
+        + LAUNCHER.format(symbol=f"{variant.name}_{out}", op=name)
+    )
+
+
+def generate(out_dir: Path) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = []
+    for variant in VARIANTS:
+        for out in OUT_TYPES:
+            (out_dir / f"gemm_{variant.name}_{out}.cu").write_text(emit_variant(variant, out))
+        table.append({"name": variant.name, **asdict(variant)})
+    (out_dir / "variants.json").write_text(json.dumps(table, indent=1))
+    return table
+
+
+if __name__ == "__main__":
+    generate(Path(sys.argv[1]))

@@ -1,0 +1,144 @@
+"""Build the kernel library: emit the CUTLASS GEMM variants, compile every translation unit with
+nvcc (in parallel), link one shared library. Needs nvcc and the `nvidia-cutlass` package, not a GPU,
+so it also runs as a compile check on CPU-only CI (`python -m dgqtool.kernels.build --arch sm_90a`).
+
+The result is cached under ~/.cache/dgqtool/kernels/<arch>-<hash>/ (or $DGQ_KERNEL_CACHE), the hash
+covering the sources, the arch, nvcc's and CUTLASS's versions; a build goes to a temporary directory
+and is renamed into place, so concurrent or interrupted builds never leave a half-written library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import DGQError
+
+LIBRARY_NAME = "libdgq_kernels.so"
+HAND_WRITTEN = "dgq_w4a8.cu"
+
+
+def source_dir() -> Path:
+    """The repository's kernels/ directory (editable install), or $DGQ_KERNELS_SRC."""
+    env = os.environ.get("DGQ_KERNELS_SRC")
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "kernels"
+    if not (path / HAND_WRITTEN).is_file():
+        raise DGQError(f"kernel sources not found in {path}; set DGQ_KERNELS_SRC to the kernels/ directory")
+    return path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DGQ_KERNEL_CACHE", Path.home() / ".cache" / "dgqtool" / "kernels"))
+
+
+def _cutlass_source() -> Path:
+    try:
+        import cutlass_library
+    except ImportError as exc:
+        raise DGQError("the sm90 GEMMs need the CUTLASS emitter: pip install nvidia-cutlass --no-deps") from exc
+    return Path(cutlass_library.__file__).parent / "source"
+
+
+def _nvcc() -> str:
+    nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    if not Path(nvcc).exists():
+        raise DGQError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
+    return str(nvcc)
+
+
+def uses_cutlass(arch: str) -> bool:
+    return arch.startswith("sm_90")
+
+
+def _fingerprint(arch: str, src: Path, nvcc: str) -> str:
+    digest = hashlib.sha256(arch.encode())
+    for path in sorted(src.iterdir()):
+        if path.suffix in {".cu", ".cuh", ".py"}:
+            digest.update(path.name.encode() + path.read_bytes())
+    digest.update(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode())
+    if uses_cutlass(arch):
+        digest.update(importlib.metadata.version("nvidia-cutlass").encode())
+    return digest.hexdigest()[:16]
+
+
+def library_path(arch: str) -> Path:
+    nvcc = _nvcc()
+    return cache_root() / f"{arch}-{_fingerprint(arch, source_dir(), nvcc)}" / LIBRARY_NAME
+
+
+def _generate(src: Path, out: Path) -> list[dict]:
+    spec = importlib.util.spec_from_file_location("dgq_kernel_generate", src / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.generate(out)
+
+
+def build(arch: str, jobs: int | None = None, log=print) -> Path:
+    """Return the cached library for `arch`, building it first when absent."""
+    nvcc, src = _nvcc(), source_dir()
+    target = cache_root() / f"{arch}-{_fingerprint(arch, src, nvcc)}"
+    if (target / LIBRARY_NAME).is_file():
+        return target / LIBRARY_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=target.parent))
+    try:
+        units = [src / HAND_WRITTEN]
+        includes = [f"-I{src}"]
+        if uses_cutlass(arch):
+            _generate(src, work)
+            units += sorted(work.glob("gemm_*.cu"))
+            cutlass = _cutlass_source()
+            includes += [f"-I{cutlass / 'include'}", f"-I{cutlass / 'tools' / 'util' / 'include'}"]
+        flags = ["-std=c++17", "-O3", f"-arch={arch}", "--expt-relaxed-constexpr", "-DNDEBUG",
+                 "-Xcompiler", "-fPIC", *includes]
+
+        def compile_unit(unit: Path) -> Path:
+            obj = work / (unit.stem + ".o")
+            done = subprocess.run([nvcc, *flags, "-c", str(unit), "-o", str(obj)], capture_output=True, text=True)
+            if done.returncode:
+                raise DGQError(f"nvcc failed on {unit.name} for {arch}:\n{done.stderr[-4000:]}")
+            log(f"compiled {unit.name} ({arch})")
+            return obj
+
+        with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+            objects = list(pool.map(compile_unit, units))
+        linked = subprocess.run([nvcc, "-shared", f"-arch={arch}", *map(str, objects), "-o", str(work / LIBRARY_NAME)],
+                                capture_output=True, text=True)
+        if linked.returncode:
+            raise DGQError(f"linking the kernel library failed:\n{linked.stderr[-4000:]}")
+        for obj in objects:
+            obj.unlink()
+        try:
+            work.rename(target)
+        except OSError:  # another build finished first; its library is identical
+            pass
+        return target / LIBRARY_NAME
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sm_90a", help="nvcc arch, e.g. sm_90a (Hopper) or sm_80 (Ampere)")
+    parser.add_argument("--jobs", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        print(build(args.arch, args.jobs))
+    except DGQError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Call the kernel library on torch tensors (ctypes; the current torch stream, torch allocations).
+
+Dispatch of one DGQ linear on a CUDA tensor:
+  * activations -> int8 per token (or with the static scale) by one kernel;
+  * M <= 8 (decode): the fused GEMV streams the 4-bit codes and converts them in registers;
+  * larger M: the codes are expanded to the exact int8 weight (IMAD + XOR per 4 weights), then the
+    CUTLASS-emitted sm90 GEMM with the s_x x s1 epilogue runs; on other archs torch's int8 GEMM.
+Every path computes the same integers as the torch reference, and the same fp32 epilogue order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..errors import DGQError
+from . import build
+
+# The GEMV beats expanding the weight up to 8 rows on H100 (scripts/bench_kernels.py).
+GEMV_MAX_ROWS = 8
+_OUT_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
+_IN_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+_ERRORS = {1: "shape not supported", 2: "workspace too small", 3: "CUDA launch failed"}
+
+
+def arch_of(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+
+
+class KernelLibrary:
+    def __init__(self, path: Path, arch: str):
+        self.arch, self.lib = arch, ctypes.CDLL(str(path))
+        ptr, i32, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+        self._sig("dgq_unpack_s8", [ptr, ptr, ptr, ptr, i32, i32, i32, ptr])
+        for suffix in _OUT_SUFFIX.values():
+            self._sig(f"dgq_gemv_{suffix}", [ptr] * 7 + [i32] * 4 + [ptr])
+        for suffix in _IN_SUFFIX.values():
+            self._sig(f"dgq_quantize_rows_{suffix}", [ptr] * 4 + [i32, i32, ptr])
+        self.gemm_variants = [v["name"] for v in json.loads(
+            (path.parent / "variants.json").read_text())] if build.uses_cutlass(arch) else []
+        for name in self.gemm_variants:
+            for suffix in _OUT_SUFFIX.values():
+                self._sig(f"dgq_gemm_{name}_{suffix}", [ptr] * 5 + [i32] * 3 + [ptr, size, ptr])
+                fn = getattr(self.lib, f"dgq_gemm_{name}_{suffix}_workspace")
+                fn.argtypes, fn.restype = [i32] * 3, size
+        self.tuned = _tuned_table()
+
+    def _sig(self, name: str, argtypes: list) -> None:
+        fn = getattr(self.lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+
+    def call(self, name: str, *args) -> None:
+        status = getattr(self.lib, name)(*args)
+        if status:
+            raise RuntimeError(f"{name}: {_ERRORS.get(status, status)}")
+
+
+def _tuned_table() -> dict[str, str]:
+    """Per-shape variant choice measured by scripts/bench_kernels.py --tune (H100)."""
+    path = build.source_dir() / "tuned_sm90.json"
+    return json.loads(path.read_text())["choice"] if path.is_file() else {}
+
+
+@lru_cache(maxsize=None)
+def _library(arch: str) -> KernelLibrary | None:
+    try:
+        return KernelLibrary(build.build(arch, log=lambda _msg: None), arch)
+    except (DGQError, OSError) as exc:
+        warnings.warn(f"DGQ CUDA kernels unavailable ({exc}); using the torch integer reference path")
+        return None
+
+
+def library_for(x: torch.Tensor) -> KernelLibrary | None:
+    """The kernel library for x's GPU, or None when x must take the reference path."""
+    if not x.is_cuda or x.dtype not in _OUT_SUFFIX or os.environ.get("DGQ_KERNELS", "1") == "0" or x.shape[-1] % 32:
+        return None
+    return library(x.device)
+
+
+def library(device: torch.device) -> KernelLibrary | None:
+    """The kernel library for a CUDA device (sm_80 or newer), built on first use; None if unavailable."""
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return None
+    return _library(arch_of(device))
+
+
+def _stream(device: torch.device):
+    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+
+
+def quantize_rows(lib: KernelLibrary, x: torch.Tensor, static_scale: torch.Tensor | None = None):
+    """(M, K) float -> int8 codes (M, K) and float32 scales (M, 1), as quantize_per_token/_per_tensor."""
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    static = None if static_scale is None else static_scale.float().contiguous()
+    lib.call(f"dgq_quantize_rows_{_IN_SUFFIX[x.dtype]}", x.data_ptr(), q.data_ptr(), scale.data_ptr(),
+             None if static is None else static.data_ptr(), m, k, _stream(x.device))
+    return q, scale
+
+
+def unpack_s8(lib: KernelLibrary, qweight: torch.Tensor, s2: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """Packed codes (N, K/2) -> exact int8 weight S2 * (code - zp), (N, K)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    w = torch.empty(n, k, dtype=torch.int8, device=qweight.device)
+    lib.call("dgq_unpack_s8", qweight.data_ptr(), s2.data_ptr(), zero.data_ptr(), w.data_ptr(), n, k, group,
+             _stream(qweight.device))
+    return w
+
+
+def gemm_variant(lib: KernelLibrary, m: int, n: int, k: int) -> str:
+    bucket = 1 << max(m - 1, 0).bit_length()
+    choice = lib.tuned.get(f"{bucket},{n},{k}")
+    if choice in lib.gemm_variants:
+        return choice
+    if bucket <= 256:
+        return "pi_128x128x128_c1x1"
+    return "co_128x256x128_c2x1" if n >= k else "co_256x128x128_c1x1"
+
+
+def int8_gemm(lib: KernelLibrary, x_q, s_x, w_s8, s1, out_dtype, variant: str | None = None) -> torch.Tensor:
+    """CUTLASS sm90 GEMM: (x_q @ w_s8^T) * s_x * s1 -> out_dtype; x_q (M, K), w_s8 (N, K) int8."""
+    m, k = x_q.shape
+    n = w_s8.shape[0]
+    name = f"dgq_gemm_{variant or gemm_variant(lib, m, n, k)}_{_OUT_SUFFIX[out_dtype]}"
+    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+    workspace = torch.empty(getattr(lib.lib, name + "_workspace")(m, n, k), dtype=torch.uint8, device=x_q.device)
+    lib.call(name, x_q.data_ptr(), w_s8.data_ptr(), s_x.data_ptr(), s1.data_ptr(), out.data_ptr(), m, n, k,
+             workspace.data_ptr(), workspace.numel(), _stream(x_q.device))
+    return out
+
+
+def gemv(lib: KernelLibrary, x_q, s_x, qweight, s2, zero, s1, group: int, out_dtype) -> torch.Tensor:
+    m, k = x_q.shape
+    n = qweight.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+    lib.call(f"dgq_gemv_{_OUT_SUFFIX[out_dtype]}", qweight.data_ptr(), s2.data_ptr(), zero.data_ptr(), s1.data_ptr(),
+             x_q.data_ptr(), s_x.data_ptr(), out.data_ptr(), m, n, k, group, _stream(x_q.device))
+    return out
+
+
+def dgq_linear(lib: KernelLibrary, x: torch.Tensor, qweight, s2, zero, s1, group: int,
+               static_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One DGQ linear without bias: x (M, K) fp16/bf16 -> (M, N) in x's dtype."""
+    x_q, s_x = quantize_rows(lib, x, static_scale)
+    m, k = x_q.shape
+    if m <= GEMV_MAX_ROWS and group % 32 == 0:
+        return gemv(lib, x_q, s_x, qweight, s2, zero, s1, group, x.dtype)
+    w_s8 = unpack_s8(lib, qweight, s2, zero, group)
+    if lib.gemm_variants and k % 16 == 0 and qweight.shape[0] % 8 == 0:
+        return int8_gemm(lib, x_q, s_x, w_s8, s1, x.dtype)
+    from ..gemm import dual_scale_gemm
+
+    return dual_scale_gemm(x_q, s_x, w_s8, s1, x.dtype)

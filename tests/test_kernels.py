@@ -1,0 +1,174 @@
+"""The CUDA kernels: the conversion identity they rely on (CPU), that the library compiles for
+sm_90a wherever nvcc is present (the CI compile check), and bit-exactness against the torch
+integer reference on a GPU."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from dgqtool.gemm import dual_scale_gemm
+from dgqtool.quant.dual_grained import DualGrainedWeight, code_interval, pack_nibbles, random_dual_grained
+from dgqtool.quant.quantizer import quantize_per_tensor, quantize_per_token
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_imad_xor_conversion_is_exact_for_every_valid_code():
+    """((nibbles * S2 + C) ^ 0x80808080) per byte == S2 * (code - zp) for every DGQ-legal triple."""
+    s2 = torch.arange(1, 128, dtype=torch.int64).repeat_interleave(16)
+    zp = torch.arange(16, dtype=torch.int64).repeat(127)
+    lo, hi = code_interval(zp, s2)
+    cases = [(s, z, c) for s, z, a, b in zip(s2.tolist(), zp.tolist(), lo.tolist(), hi.tolist()) for c in range(a, b + 1)]
+    s, z, c = (torch.tensor(v, dtype=torch.int64) for v in zip(*cases))
+    # four lanes with different codes of the same group: c, its mirror within the interval, and the bounds
+    lanes = torch.stack([c, c.flip(0), c, c.flip(0)], dim=1)
+    valid = (s.unsqueeze(1) * (lanes - z.unsqueeze(1))).abs() <= 127
+    lanes = torch.where(valid, lanes, c.unsqueeze(1))
+    word = (lanes * (256 ** torch.arange(4))).sum(1)
+    const = ((128 - s * z) * 0x01010101) % 2**32
+    converted = ((word * s + const) % 2**32) ^ 0x80808080
+    bytes_ = (converted.unsqueeze(1) // (256 ** torch.arange(4))) % 256
+    as_int8 = torch.where(bytes_ > 127, bytes_ - 256, bytes_)
+    assert len(cases) > 10_000
+    assert torch.equal(as_int8, s.unsqueeze(1) * (lanes - z.unsqueeze(1)))
+
+
+def test_generator_emits_every_variant_with_the_scale_epilogue(tmp_path):
+    pytest.importorskip("cutlass_library")
+    from dgqtool.kernels import build
+
+    table = build._generate(build.source_dir(), tmp_path)
+    files = sorted(tmp_path.glob("gemm_*.cu"))
+    assert len(table) >= 3 and len(files) == 2 * len(table)  # fp16 and bf16 outputs
+    for path in files:
+        text = path.read_text()
+        assert "Sm90ColBroadcast" in text and "Sm90RowBroadcast" in text and "IGMMA" not in text
+        assert "extern \"C\" int dgq_gemm_" in text
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_kernel_library_compiles(arch):
+    """The CI compile check: the whole library builds for Hopper (CUTLASS GEMMs) and Ampere."""
+    pytest.importorskip("cutlass_library")
+    from dgqtool.kernels import build
+
+    library = build.build(arch, log=lambda _msg: None)
+    symbols = subprocess.run(["nm", "-D", str(library)], capture_output=True, text=True).stdout
+    assert "dgq_gemv_f16" in symbols and "dgq_unpack_s8" in symbols and "dgq_quantize_rows_bf16" in symbols
+    assert ("dgq_gemm_co_128x256x128_c2x1_bf16" in symbols) == (arch == "sm_90a")
+
+
+# ---------------------------------------------------------------- GPU: bit-exact against the reference
+
+
+def _library():
+    from dgqtool.kernels import runtime
+
+    lib = runtime.library(torch.device("cuda"))
+    assert lib is not None, "kernel library failed to build or load"
+    return lib
+
+
+def _weight(n, k, group, seed=0):
+    w = random_dual_grained(n, k, group, torch.Generator().manual_seed(seed))
+    return w, pack_nibbles(w.codes).cuda(), w.s2.cuda(), w.zero.cuda(), w.s1.half().cuda()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_activation_quantization_matches_reference(dtype):
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    x = (torch.randn(37, 4096, device="cuda") * torch.logspace(-2, 2, 37, device="cuda").unsqueeze(1)).to(dtype)
+    x[3] = 0  # all-zero row takes the 1e-8 scale floor
+    q, s = runtime.quantize_rows(lib, x)
+    q_ref, s_ref = quantize_per_token(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    static = torch.tensor([0.05], device="cuda")
+    q, s = runtime.quantize_rows(lib, x, static)
+    q_ref, s_ref = quantize_per_tensor(x, static)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@gpu
+@pytest.mark.parametrize("n,k,group", [(576, 576, 64), (1536, 576, 64), (4096, 4096, 128), (256, 11008, 128)])
+def test_unpack_is_exact(n, k, group):
+    from dgqtool.kernels import runtime
+
+    w, qweight, s2, zero, _ = _weight(n, k, group)
+    assert torch.equal(runtime.unpack_s8(_library(), qweight, s2, zero, group).cpu(), w.int8_weight())
+
+
+@gpu
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,group", [(576, 576, 64), (1536, 576, 64), (4096, 4096, 128)])
+def test_gemv_is_bit_exact(out_dtype, n, k, group):
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    w, qweight, s2, zero, s1 = _weight(n, k, group)
+    w_s8 = w.int8_weight().cuda()
+    for m in (1, 2, 3, 8, 13, 16):
+        x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+        s_x = torch.rand(m, 1, device="cuda") * 1e-2
+        out = runtime.gemv(lib, x_q, s_x, qweight, s2, zero, s1, group, out_dtype)
+        assert torch.equal(out, dual_scale_gemm(x_q, s_x, w_s8, s1, out_dtype)), m
+
+
+@gpu
+def test_gemv_integer_sums_are_exact():
+    """S2 = 1, unit fp scales and x in {-1, 0, 1} keep |sum| <= 64 * 15 < 2048: fp16 holds it exactly."""
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    codes = torch.randint(0, 16, (64, 64), dtype=torch.uint8)
+    zero = torch.randint(0, 16, (64, 1), dtype=torch.uint8)
+    s2 = torch.ones(64, 1, dtype=torch.int8)
+    w = DualGrainedWeight(codes, zero, s2, torch.ones(64))
+    x_q = torch.randint(-1, 2, (4, 64), dtype=torch.int8, device="cuda")
+    out = runtime.gemv(lib, x_q, torch.ones(4, 1, device="cuda"), pack_nibbles(codes).cuda(), s2.cuda(), zero.cuda(),
+                       torch.ones(64, dtype=torch.float16, device="cuda"), 64, torch.float16)
+    acc = x_q.cpu().int() @ w.int8_weight().int().T
+    assert torch.equal(out.cpu().int(), acc)
+
+
+@gpu
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_every_cutlass_variant_is_bit_exact(out_dtype):
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    if not lib.gemm_variants:
+        pytest.skip("the CUTLASS GEMMs are built for sm_90a only")
+    for n, k, group in [(576, 576, 64), (4096, 4096, 128), (1536, 576, 64)]:
+        w, qweight, s2, zero, s1 = _weight(n, k, group)
+        w_s8 = runtime.unpack_s8(lib, qweight, s2, zero, group)
+        for m in (17, 200, 1024):
+            x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+            s_x = torch.rand(m, 1, device="cuda") * 1e-2
+            ref = dual_scale_gemm(x_q, s_x, w_s8, s1, out_dtype)
+            for variant in lib.gemm_variants:
+                out = runtime.int8_gemm(lib, x_q, s_x, w_s8, s1, out_dtype, variant)
+                assert torch.equal(out, ref), (variant, m, n, k)
+
+
+@gpu
+@pytest.mark.parametrize("static", [False, True])
+def test_dgq_linear_on_gpu_equals_cpu_reference(static):
+    from dgqtool.nn.dgq_linear import DGQLinear
+
+    w = random_dual_grained(1536, 576, 64, torch.Generator().manual_seed(1))
+    scale = torch.tensor([0.02]) if static else None
+    module = DGQLinear.from_weight(w, torch.randn(1536), scale, torch.float16)
+    x = torch.randn(3, 40, 576, dtype=torch.float16)
+    ref = module(x)
+    gpu_module = module.cuda()
+    for rows in (1, 40):  # decode (fused GEMV) and prefill (CUTLASS GEMM)
+        out = gpu_module(x[:, :rows].cuda())
+        assert torch.equal(out.cpu(), ref[:, :rows])
