@@ -15,13 +15,12 @@ from .errors import DGQError
 from .models.adapters import adapter_for, decoder_layers
 from .models.load import DTYPES
 from .nn.dgq_linear import FORMATS
+from .quant.dual_grained import pack_nibbles
 from .pack import CHECKPOINT_MANIFEST, WEIGHTS, read_checkpoint_config
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu", check_hashes: bool = True):
     """Returns (model in eval mode, tokenizer, quantization_config)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     config_dict = read_checkpoint_config(path)
     q = config_dict["quantization_config"]
@@ -29,21 +28,65 @@ def load_checkpoint(path: str | Path, device: str = "cpu", check_hashes: bool = 
         raise DGQError(f"{path}: unknown dgq weight format '{q.get('format')}'")
     expected = read_json(path / CHECKPOINT_MANIFEST)["files"].get(WEIGHTS) if check_hashes else None
     state = read_tensors(path / WEIGHTS, expected)
+    dtype = DTYPES.get(q.get("compute_dtype", "float32"), torch.float32)
+    group = int(q["group_size"])
+    model = _quantized_model(path, state, FORMATS[q["format"]], dtype, q.get("activation") == "static",
+                             lambda linear: linear.in_features if q.get("method") == "channelwise" else group)
+    return model.to(device).eval(), _tokenizer(path), q
+
+
+def load_compressed_tensors(path: str | Path, device: str = "cpu"):
+    """Load a `dgq export --format compressed-tensors` checkpoint (pack-quantized, int4 group,
+    int8 activations) into group-format W4A8 modules: codes, zero points and the folded float scale.
+    Returns (model, tokenizer, quantization_config)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    path = Path(path)
+    config = read_json(path / "config.json")
+    q = config.get("quantization_config") or {}
+    scheme = (q.get("config_groups") or {}).get("group_0", {})
+    weights = scheme.get("weights", {})
+    if q.get("format") != "pack-quantized" or weights.get("num_bits") != 4 or weights.get("strategy") != "group":
+        raise DGQError(f"{path}: not a 4-bit group pack-quantized compressed-tensors checkpoint")
+    state = read_tensors(path / WEIGHTS)
+    for prefix in [k.removesuffix(".weight_packed") for k in state if k.endswith(".weight_packed")]:
+        shape = torch.Size(state.pop(f"{prefix}.weight_shape").tolist())
+        codes = unpack_from_int32(state.pop(f"{prefix}.weight_packed"), 4, shape) + 8
+        scale = state.pop(f"{prefix}.weight_scale")
+        zero_packed = state.pop(f"{prefix}.weight_zero_point", None)
+        zero = (torch.full(scale.shape, 8, dtype=torch.int32) if zero_packed is None
+                else unpack_from_int32(zero_packed, 4, scale.shape, packed_dim=0).to(torch.int32) + 8)
+        state[f"{prefix}.qweight"] = pack_nibbles(codes.to(torch.uint8))
+        state[f"{prefix}.qzeros"] = zero.to(torch.uint8)
+        state[f"{prefix}.scales"] = scale.half()
+    dtype = DTYPES.get(config.get("torch_dtype") or config.get("dtype") or "float16", torch.float16)
+    static = not scheme.get("input_activations", {}).get("dynamic", True)
+    group = int(weights["group_size"])
+    model = _quantized_model(path, state, FORMATS["w4-group"], dtype, static, lambda linear: group)
+    return model.to(device).eval(), _tokenizer(path), q
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, group_of):
+    """A transformers model built on meta whose adapter linears are `module_type`, filled from `state`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # ours, not a transformers quantizer
-    dtype = DTYPES.get(q.get("compute_dtype", "float32"), torch.float32)
     adapter = adapter_for(config.model_type)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    module_type = FORMATS[q["format"]]
-    group, static = int(q["group_size"]), q.get("activation") == "static"
-    for index, layer in enumerate(decoder_layers(model, adapter)):
+    for layer in decoder_layers(model, adapter):
         for name in adapter.linear_names():
             linear = layer.get_submodule(name)
-            module_group = linear.in_features if q.get("method") == "channelwise" else group
             with torch.device("meta"):
-                module = module_type(linear.in_features, linear.out_features, module_group,
+                module = module_type(linear.in_features, linear.out_features, group_of(linear),
                                      bias=linear.bias is not None, static=static, dtype=dtype)
             layer.set_submodule(name, module)
     model.to_empty(device="cpu")
@@ -58,8 +101,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", check_hashes: bool = 
         if any(True for _ in module.buffers(recurse=False)) and getattr(module, "_non_persistent_buffers_set", None):
             model._init_weights(module)  # recompute rotary tables and other derived buffers
     model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    return model.to(device).eval(), tokenizer, q
+    return model
 
 
 def _non_persistent(model: torch.nn.Module) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,31 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+class _Output:
+    """Global output mode: --json (machine-readable summary on stdout) and --no-progress."""
+
+    json = False
+    progress = True
+
+
+@app.callback()
+def _global_options(
+    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (logs stay on stderr).")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Plain log lines instead of progress bars (automatic without a TTY).")] = False,
+):
+    _Output.json, _Output.progress = json_summary, not (no_progress or json_summary)
+
+
+def _reporter() -> Reporter:
+    return Reporter(bars=None if _Output.progress else False)
+
+
+def _emit(summary: dict) -> None:
+    if _Output.json:
+        typer.echo(json.dumps({"status": "ok", "exit_code": 0, **summary}, default=str))
+
 
 # ---------------------------------------------------------------------------------- options
 Work = Annotated[Path, typer.Option("--work", "-w", help="Work directory holding the stage artifacts.")]
@@ -57,6 +83,7 @@ def _handle_errors(fn):
             if os.environ.get("DGQ_DEBUG"):
                 raise
             typer.echo(f"error: {exc}", err=True)
+            _emit_error(str(exc), exc.exit_code)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted; finished stages are kept and a rerun resumes", err=True)
@@ -67,9 +94,15 @@ def _handle_errors(fn):
             if os.environ.get("DGQ_DEBUG"):
                 raise
             typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with DGQ_DEBUG=1 for the traceback)", err=True)
+            _emit_error(f"internal error: {type(exc).__name__}: {exc}", 1)
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _emit_error(message: str, code: int) -> None:
+    if _Output.json:
+        typer.echo(json.dumps({"status": "error", "exit_code": code, "error": message}))
 
 
 def _context(work: Path, config: str | None, force: bool, calibrates: bool = False, **overrides):
@@ -78,7 +111,7 @@ def _context(work: Path, config: str | None, force: bool, calibrates: bool = Fal
     recipe = load_config(config).with_overrides(**overrides)
     device = pick_device(recipe.device)
     recipe, notes = recipe.resolved(device)
-    reporter = Reporter()
+    reporter = _reporter()
     for note in notes if calibrates else ():
         reporter.info(f"[yellow]{note}[/]")
     return Context(work=work, recipe=recipe, device=device, reporter=reporter, force=force)
@@ -145,11 +178,39 @@ def verify(
     checkpoint: Annotated[Path, typer.Argument(help="Packed checkpoint directory.")],
     work: Annotated[Optional[Path], typer.Option("--work", "-w", help="Work dir: its model and calibration tokens are the reference.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Original model to compare logits with.")] = None,
+    max_ppl_increase: Annotated[Optional[float], typer.Option("--max-ppl-increase", help="Fail if ppl rises more than this over the original.")] = None,
+    max_ppl_ratio: Annotated[Optional[float], typer.Option("--max-ppl-ratio", help="Fail if ppl / original ppl exceeds this.")] = None,
+    ppl_task: Annotated[str, typer.Option("--ppl-task", help="Perplexity task of the gate.")] = "wikitext2",
+    ppl_limit: Annotated[int, typer.Option("--ppl-limit", help="Windows the gate scores.")] = 4,
+    ppl_seqlen: Annotated[int, typer.Option("--ppl-seqlen", help="Window length of the gate.")] = 2048,
+    data_dir: DataDir = None,
 ):
-    """Check ranges, hashes, integer vs float path and logits against the original; non-zero exit on failure."""
+    """Check ranges, hashes, integer vs float path, logits (and a perplexity gate) against the original; exit 3 on failure."""
     from .pipeline import verify as run
 
-    run(checkpoint, work, model, Reporter())
+    gate = None
+    if max_ppl_increase is not None or max_ppl_ratio is not None:
+        gate = {"task": ppl_task, "limit": ppl_limit, "seqlen": ppl_seqlen, "data_dir": data_dir,
+                "max_increase": max_ppl_increase, "max_ratio": max_ppl_ratio}
+    checks = run(checkpoint, work, model, _reporter(), gate)
+    _emit({"checkpoint": str(checkpoint), "verify": [{"check": c.name, "passed": c.passed, "detail": c.detail} for c in checks]})
+
+
+@app.command()
+@_handle_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Packed dgq checkpoint directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="compressed-tensors (vLLM, llm-compressor) | dgq.")] = "compressed-tensors",
+    force: Force = False,
+):
+    """Write the checkpoint for serving engines: compressed-tensors pack-quantized, or a dgq copy."""
+    from .export import export_checkpoint
+
+    summary = export_checkpoint(checkpoint, output, fmt, force)
+    detail = f", max rel. error of the folded scale s1*S2 {summary['max_scale_rel_error']:.2e}" if "max_scale_rel_error" in summary else ""
+    _reporter().info(f"export: wrote {output} ({fmt}{detail})")
+    _emit(summary)
 
 
 @app.command()
@@ -166,6 +227,7 @@ def quantize(
     method: Method = None, group: Group = None, act: Act = None, grid1: Grid1 = None, grid2: Grid2 = None,
     objective: Objective = None, refine: Refine = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run `dgq verify` on the result.")] = True,
+    export: Annotated[Optional[str], typer.Option("--export", help="Also export to OUTPUT-FORMAT: compressed-tensors | dgq.")] = None,
 ):
     """One shot: calibrate -> smooth -> search -> pack (-> verify); reruns resume from finished stages."""
     from . import pipeline
@@ -176,7 +238,7 @@ def quantize(
         trust_remote_code=trust_remote_code, smooth=smooth, percentile=percentile, alpha=alpha, method=method,
         group=group, act=act, grid1=grid1, grid2=grid2, objective=objective, refine=refine,
     )
-    pipeline.quantize(ctx, model, output, run_verify=verify)
+    _emit(pipeline.quantize(ctx, model, output, run_verify=verify, export=export))
 
 
 @app.command("eval")
@@ -197,12 +259,13 @@ def eval_(
     from .pipeline import pick_device
 
     dev = pick_device(device or "auto")
-    reporter = Reporter()
+    reporter = _reporter()
     results = evaluate(model, task, seqlen=seqlen, limit=limit, batch_size=batch_size, data_dir=data_dir,
                        device=dev, dtype=dtype or ("float32" if dev == "cpu" else "float16"), reporter=reporter)
     reporter.table(results_table(results))
     if output is not None:
         write_json(output, results)
+    _emit(results)
 
 
 @app.command()
@@ -221,7 +284,7 @@ def run(
 
     result = run_checkpoint(checkpoint, prompt, device=pick_device(device or "auto"), max_new_tokens=max_new_tokens,
                             temperature=temperature, chat=chat)
-    Reporter().info(f"{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s), "
+    _reporter().info(f"{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s), "
                     f"peak memory {result.peak_memory_mb:.0f} MiB")
 
 

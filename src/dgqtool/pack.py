@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -48,19 +49,29 @@ def _state_without_tied(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(model: nn.Module, tokenizer, qconfig: dict, out: Path, force: bool) -> dict:
-    """Build the directory next to `out` and rename it into place, so `out` is complete or absent."""
+    """Write the packed checkpoint directory from a model whose linears are DGQ modules."""
+
+    def contents(tmp: Path) -> dict[str, str]:
+        digest = write_tensors(tmp / WEIGHTS, _state_without_tied(model), {"format": "pt"})
+        config = model.config.to_dict()
+        config["quantization_config"] = qconfig
+        write_json(tmp / "config.json", config)
+        tokenizer.save_pretrained(str(tmp))
+        return {WEIGHTS: digest, "config.json": sha256_file(tmp / "config.json")}
+
+    return write_checkpoint_dir(out, force, contents)
+
+
+def write_checkpoint_dir(out: Path, force: bool, contents: Callable[[Path], dict[str, str]]) -> dict:
+    """Let `contents` fill a directory next to `out` (returning file -> sha256), add the manifest and
+    rename it into place, so `out` is complete or absent -- never half-written."""
     if out.exists() and not force:
         raise DGQError(f"output directory {out} exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is meant to be shared
-        digest = write_tensors(tmp / WEIGHTS, _state_without_tied(model), {"format": "pt"})
-        config = model.config.to_dict()
-        config["quantization_config"] = qconfig
-        write_json(tmp / "config.json", config)
-        tokenizer.save_pretrained(str(tmp))
-        manifest = {"tool_version": __version__, "files": {WEIGHTS: digest, "config.json": sha256_file(tmp / "config.json")}}
+        manifest = {"tool_version": __version__, "files": contents(tmp)}
         write_json(tmp / CHECKPOINT_MANIFEST, manifest)
         if out.exists():
             shutil.rmtree(out)

@@ -398,9 +398,11 @@ def _pack_is_current(ctx: Context, output: Path) -> bool:
         return False
 
 
-def verify(checkpoint: Path, work: Path | None, model_spec: str | None, reporter: Reporter) -> list:
-    """Verify a checkpoint; the reference model and tokens come from --model or the work directory."""
-    from .verify import raise_on_failure, verify_checkpoint
+def verify(checkpoint: Path, work: Path | None, model_spec: str | None, reporter: Reporter,
+           gate: dict | None = None) -> list:
+    """Verify a checkpoint; the reference model and tokens come from --model or the work directory.
+    gate: {"task", "limit", "seqlen", "data_dir", "max_increase", "max_ratio"} for a perplexity threshold."""
+    from .verify import PplGate, raise_on_failure, verify_checkpoint
 
     tokens = None
     if work is not None:
@@ -408,21 +410,43 @@ def verify(checkpoint: Path, work: Path | None, model_spec: str | None, reporter
         model_spec = model_spec or calib["options"]["model"]
         stats = read_tensors(work / "calibrate" / "stats.safetensors", calib["outputs"]["stats.safetensors"])
         tokens = stats["tokens"][:2, :256]
-    reference = load_model(model_spec, "float32")[0] if model_spec else None
-    checks, table = verify_checkpoint(checkpoint, reference, tokens)
+    if gate and not model_spec:
+        raise DGQError("a perplexity gate needs the original model: pass --model or --work")
+    reference, tokenizer = load_model(model_spec, "float32")[:2] if model_spec else (None, None)
+    ppl_gate = None
+    if gate:
+        from .eval.data import ppl_windows
+
+        windows = ppl_windows(gate["task"], tokenizer, gate["seqlen"], gate.get("data_dir"), gate["limit"])
+        ppl_gate = PplGate(windows, gate.get("max_increase"), gate.get("max_ratio"), f"{gate['task']} ppl")
+    checks, table = verify_checkpoint(checkpoint, reference, tokens, gate=ppl_gate)
     reporter.table(table)
     raise_on_failure(checks)
     return checks
 
 
-def quantize(ctx: Context, model_spec: str, output: Path, run_verify: bool = True) -> None:
-    """All stages in order; each is skipped when its artifacts are current."""
-    calibrate(ctx, model_spec)
-    smooth(ctx)
-    search(ctx)
+def quantize(ctx: Context, model_spec: str, output: Path, run_verify: bool = True, export: str | None = None) -> dict:
+    """All stages in order; each is skipped when its artifacts are current. Returns a run summary."""
+    manifests = {"calibrate": calibrate(ctx, model_spec), "smooth": smooth(ctx), "search": search(ctx)}
     if _pack_is_current(ctx, output):
         ctx.reporter.info(f"pack: {output} is up to date, skipped")
+        manifests["pack"] = read_manifest(ctx.stage_dir("pack"), "pack")
     else:
         pack(ctx, output)
+        manifests["pack"] = read_manifest(ctx.stage_dir("pack"), "pack")
+    summary = {
+        "model": model_spec, "output": str(output), "work": str(ctx.work),
+        "stages": {name: {"outputs": m.get("outputs", {}) | m.get("checkpoint", {}),
+                          "seconds": (m.get("resources") or {}).get("seconds")} for name, m in manifests.items()},
+        "recipe": manifests["search"].get("options", {}),
+    }
     if run_verify:
-        verify(output, ctx.work, None, ctx.reporter)
+        checks = verify(output, ctx.work, None, ctx.reporter)
+        summary["verify"] = [{"check": c.name, "passed": c.passed, "detail": c.detail} for c in checks]
+    if export:
+        from .export import export_checkpoint
+
+        target = output.with_name(f"{output.name}-{export}")
+        summary["export"] = export_checkpoint(output, target, export, force=True)
+        ctx.reporter.info(f"export: wrote {target} ({export})")
+    return summary

@@ -83,8 +83,31 @@ def _logits_vs_reference(model, reference, tokens: torch.Tensor) -> list[Check]:
     ]
 
 
-def verify_checkpoint(path: Path, reference=None, tokens: torch.Tensor | None = None, seed: int = 0) -> tuple[list[Check], Table]:
-    """reference: the original float model (optional); tokens: (batch, seq) ids for the logit check."""
+@dataclass(frozen=True)
+class PplGate:
+    """Fail verification when the checkpoint's perplexity on `windows` is too far above the original's."""
+
+    windows: torch.Tensor
+    max_increase: float | None = None
+    max_ratio: float | None = None
+    label: str = "ppl"
+
+    @torch.no_grad()
+    def check(self, model, reference) -> Check:
+        from .eval.ppl import perplexity
+
+        quantized, original = perplexity(model, self.windows).ppl, perplexity(reference, self.windows).ppl
+        ok = ((self.max_increase is None or quantized - original <= self.max_increase)
+              and (self.max_ratio is None or quantized / original <= self.max_ratio))
+        limits = ", ".join(f"{k} {v}" for k, v in (("max increase", self.max_increase), ("max ratio", self.max_ratio)) if v is not None)
+        return Check(f"{self.label} gate", ok, f"{quantized:.3f} vs original {original:.3f} "
+                     f"(+{quantized - original:.3f}, x{quantized / original:.3f}; {limits}; {len(self.windows)} windows)")
+
+
+def verify_checkpoint(path: Path, reference=None, tokens: torch.Tensor | None = None, seed: int = 0,
+                      gate: PplGate | None = None) -> tuple[list[Check], Table]:
+    """reference: the original float model (optional); tokens: (batch, seq) ids for the logit check;
+    gate: a perplexity threshold against the reference."""
     try:
         model, _, _ = load_checkpoint(path)
         checks = [Check("load + hashes", True, str(path))]
@@ -98,6 +121,8 @@ def verify_checkpoint(path: Path, reference=None, tokens: torch.Tensor | None = 
                 vocab = reference.config.vocab_size
                 tokens = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(seed))
             checks += _logits_vs_reference(model, reference.float(), tokens)
+            if gate is not None:
+                checks.append(gate.check(model, reference.float()))
     table = Table(title=f"dgq verify {path}")
     for column in ("check", "result", "detail"):
         table.add_column(column)

@@ -12,18 +12,24 @@ from .data import PPL_TASKS, ppl_windows
 from .ppl import perplexity
 
 
-def is_checkpoint(spec: str) -> bool:
+def checkpoint_kind(spec: str) -> str | None:
+    """'dgq' or 'compressed-tensors' for a quantized checkpoint directory, None otherwise."""
     config = Path(spec) / "config.json"
-    return config.is_file() and '"quant_method": "dgq"' in config.read_text()
+    if not config.is_file():
+        return None
+    text = config.read_text()
+    return next((kind for kind in ("dgq", "compressed-tensors") if f'"quant_method": "{kind}"' in text), None)
 
 
 def load_for_eval(spec: str, device: str, dtype: str):
-    """A packed DGQ checkpoint runs through its DGQ modules; anything else loads as a float model."""
-    if is_checkpoint(spec):
-        from ..checkpoint import load_checkpoint
+    """Quantized checkpoints run through their W4A8 modules; anything else loads as a float model."""
+    kind = checkpoint_kind(spec)
+    if kind is not None:
+        from ..checkpoint import load_checkpoint, load_compressed_tensors
 
-        model, tokenizer, _ = load_checkpoint(spec, device)
-        return model, tokenizer, "dgq checkpoint"
+        loader = load_checkpoint if kind == "dgq" else load_compressed_tensors
+        model, tokenizer, _ = loader(spec, device)
+        return model, tokenizer, f"{kind} checkpoint"
     from ..models.load import load_model
 
     model, tokenizer, _ = load_model(spec, dtype)

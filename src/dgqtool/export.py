@@ -1,0 +1,116 @@
+"""Export a packed checkpoint for serving engines.
+
+compressed-tensors "pack-quantized" (what vLLM and llm-compressor read): per linear the 4-bit codes
+as int32 words, one scale per (channel, group) and the zero points. The compressed-tensors package
+itself quantizes and packs the tensors. DGQ's two scale levels fold into one float scale s1 * S2,
+rounded to the checkpoint's dtype: that rounding is the only difference from DGQ's weights, and
+the summary reports its size.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from .artifacts import read_json, read_tensors, sha256_file, write_json, write_tensors
+from .errors import DGQError
+from .models.load import DTYPES
+from .pack import CHECKPOINT_MANIFEST, WEIGHTS, read_checkpoint_config, write_checkpoint_dir
+from .quant.dual_grained import unpack_nibbles
+
+FORMATS = ("dgq", "compressed-tensors")
+# int4 in compressed-tensors is signed, [-8, 7]: DGQ's unsigned codes and zero points shift by 8
+SIGNED_OFFSET = 8
+
+
+def _scheme(group: int, symmetric: bool, static: bool):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=group, symmetric=symmetric)
+    acts = (QuantizationArgs(num_bits=8, type="int", strategy="tensor", dynamic=False, symmetric=True) if static else
+            QuantizationArgs(num_bits=8, type="int", strategy="token", dynamic=True, symmetric=True))
+    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+
+
+def _combined_scale(state: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """(channel, group) float scale and its max relative error against DGQ's exact s1 * S2."""
+    if f"{prefix}.scales_s2" in state:
+        exact = state[f"{prefix}.scales_s1"].double().unsqueeze(1) * state[f"{prefix}.scales_s2"].double()
+    else:  # baseline group-wise format: already one float scale per group
+        exact = state[f"{prefix}.scales"].double()
+    scale = exact.to(dtype)
+    return scale, float(((scale.double() - exact).abs() / exact.abs().clamp(min=1e-30)).max())
+
+
+def compressed_state(state: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype):
+    """Returns (tensors, scheme, max scale error): every quantized linear compressed, the rest as is."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+
+    prefixes = [k.removesuffix(".qweight") for k in state if k.endswith(".qweight")]
+    if not prefixes:
+        raise DGQError("the checkpoint holds no quantized linears")
+    symmetric = all(bool((state[f"{p}.qzeros"] == SIGNED_OFFSET).all()) for p in prefixes)
+    scheme = _scheme(int(qconfig["group_size"]), symmetric, f"{prefixes[0]}.input_scale" in state)
+    owned = {f"{p}.{name}" for p in prefixes for name in ("qweight", "qzeros", "scales_s2", "scales_s1", "scales")}
+    out = {k: v for k, v in state.items() if k not in owned}
+    worst = 0.0
+    for prefix in prefixes:
+        codes = unpack_nibbles(state[f"{prefix}.qweight"]).to(torch.int32)
+        zero = state[f"{prefix}.qzeros"].to(torch.int32)
+        scale, err = _combined_scale(state, prefix, dtype)
+        worst = max(worst, err)
+        group = codes.shape[1] // zero.shape[1]
+        # the float weight the exported checkpoint means; the compressor re-derives the codes from it
+        weight = (codes - zero.repeat_interleave(group, 1)).float() * scale.float().repeat_interleave(group, 1)
+        module_state = {"weight": weight, "weight_scale": scale,
+                        "weight_zero_point": (zero - SIGNED_OFFSET).to(torch.int8)}
+        for name, tensor in PackedQuantizationCompressor.compress(module_state, scheme).items():
+            out[f"{prefix}.{name}"] = tensor
+    return out, scheme, worst
+
+
+def quantization_config(scheme) -> dict:
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = QuantizationConfig(config_groups={"group_0": scheme}, quant_method="compressed-tensors",
+                                format="pack-quantized", quantization_status="compressed", ignore=["lm_head"])
+    return config.model_dump(mode="json", exclude_none=True)
+
+
+def export_checkpoint(src: Path, out: Path, fmt: str = "compressed-tensors", force: bool = False) -> dict:
+    """Write `src` (a packed dgq checkpoint) to `out` in `fmt`; returns a summary."""
+    if fmt not in FORMATS:
+        raise DGQError(f"unknown export format '{fmt}'; formats: {', '.join(FORMATS)}")
+    config = read_checkpoint_config(src)
+    qconfig = config["quantization_config"]
+    recorded = read_json(src / CHECKPOINT_MANIFEST)["files"]
+    state = read_tensors(src / WEIGHTS, recorded.get(WEIGHTS))
+    summary = {"source": str(src), "output": str(out), "format": fmt}
+    if fmt == "dgq":
+        def contents(tmp: Path) -> dict[str, str]:
+            for path in src.iterdir():
+                if path.is_file() and path.name != CHECKPOINT_MANIFEST:
+                    shutil.copy2(path, tmp / path.name)
+            return recorded
+    else:
+        try:
+            import compressed_tensors  # noqa: F401
+        except ImportError as exc:
+            raise DGQError(f"compressed-tensors export needs the package ({exc}): pip install compressed-tensors") from None
+        dtype = DTYPES.get(qconfig.get("compute_dtype"), torch.float16)
+        tensors, scheme, scale_error = compressed_state(state, qconfig, dtype)
+        summary["max_scale_rel_error"] = scale_error
+        config["quantization_config"] = quantization_config(scheme)
+
+        def contents(tmp: Path) -> dict[str, str]:
+            for path in src.iterdir():  # tokenizer and generation files
+                if path.is_file() and path.name not in {WEIGHTS, "config.json", CHECKPOINT_MANIFEST}:
+                    shutil.copy2(path, tmp / path.name)
+            digest = write_tensors(tmp / WEIGHTS, tensors, {"format": "pt"})
+            write_json(tmp / "config.json", config)
+            return {WEIGHTS: digest, "config.json": sha256_file(tmp / "config.json")}
+
+    summary["files"] = write_checkpoint_dir(out, force, contents)["files"]
+    return summary
