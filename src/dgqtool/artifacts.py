@@ -42,6 +42,36 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+_held_locks: dict[Path, int] = {}
+
+
+def lock_work_dir(work: Path) -> None:
+    """Hold an exclusive lock on `work` for the rest of this process, or fail with a clear message.
+
+    flock is released by the kernel when the process ends, however it ends, so a killed run never
+    leaves the directory locked; the file's content only names the holder for the message.
+    """
+    import fcntl
+
+    work = work.resolve()
+    if work in _held_locks:
+        return
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    except OSError as exc:
+        raise DGQError(f"cannot use work directory {work}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DGQError(f"work directory {work} is in use by another dgq run ({holder}); wait for it to finish") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    _held_locks[work] = fd
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Atomically save contiguous CPU tensors; returns the file's sha256."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

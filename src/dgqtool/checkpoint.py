@@ -15,7 +15,9 @@ from .errors import DGQError
 from .models.adapters import adapter_for, decoder_layers
 from .models.load import DTYPES
 from .nn.dgq_linear import FORMATS
-from .quant.dual_grained import pack_nibbles
+from .quant.dual_grained import format_violations, pack_nibbles
+
+PACKED_BUFFERS = {"qweight", "qzeros", "scales_s2", "scales_s1", "scales", "input_scale"}
 from .pack import CHECKPOINT_MANIFEST, WEIGHTS, read_checkpoint_config
 
 
@@ -90,6 +92,10 @@ def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, 
                                      bias=linear.bias is not None, static=static, dtype=dtype)
             layer.set_submodule(name, module)
     model.to_empty(device="cpu")
+    expected = model.state_dict()
+    for key, tensor in state.items():  # load_state_dict would silently cast a wrong dtype
+        if key.rsplit(".", 1)[-1] in PACKED_BUFFERS and key in expected and tensor.dtype != expected[key].dtype:
+            raise DGQError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected {expected[key].dtype}")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -101,6 +107,11 @@ def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, 
         if any(True for _ in module.buffers(recurse=False)) and getattr(module, "_non_persistent_buffers_set", None):
             model._init_weights(module)  # recompute rotary tables and other derived buffers
     model.tie_weights()
+    for name, module in model.named_modules():  # never run a model on out-of-range codes or scales
+        if isinstance(module, tuple(FORMATS.values())):
+            problems = format_violations(module.quantized_weight())
+            if problems:
+                raise DGQError(f"{path}: {name}: {problems[0]}")
     return model
 
 

@@ -108,6 +108,9 @@ def _emit_error(message: str, code: int) -> None:
 def _context(work: Path, config: str | None, force: bool, calibrates: bool = False, **overrides):
     from .pipeline import Context, pick_device
 
+    from .artifacts import lock_work_dir
+
+    lock_work_dir(work)
     recipe = load_config(config).with_overrides(**overrides)
     device = pick_device(recipe.device)
     recipe, notes = recipe.resolved(device)

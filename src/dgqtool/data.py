@@ -41,17 +41,22 @@ def data_dir(explicit: str | None = None) -> Path | None:
     return path
 
 
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
 def read_text_file(path: Path) -> str:
     """A .txt/.raw file as is; .json/.jsonl rows' "text" fields joined with blank lines."""
     if path.stat().st_size > MAX_TEXT_BYTES:
         raise DGQError(f"{path} is larger than {MAX_TEXT_BYTES >> 30} GiB; pass a smaller calibration file")
     raw = path.read_bytes()  # bytes, so newlines stay exactly as in the file
-    if b"\x00" in raw[:65536]:
+    # UTF-8 is expected; a byte-order mark is honoured (UTF-8-BOM, UTF-16 as Windows tools write it)
+    encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), "utf-8")
+    if encoding == "utf-8" and b"\x00" in raw[:65536]:
         raise DGQError(f"{path} looks binary, not text")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode(encoding)
     except UnicodeDecodeError:
-        raise DGQError(f"{path} is not UTF-8 text") from None
+        raise DGQError(f"{path} is not UTF-8 text (nor UTF-16 with a byte-order mark)") from None
     if path.suffix in (".json", ".jsonl"):
         text = "\n\n".join(_json_texts(path, text))
     if not text.strip():

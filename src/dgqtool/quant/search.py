@@ -201,7 +201,7 @@ def _group_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grou
     return GroupWeight(codes=codes.reshape(w.shape).to(torch.uint8), zero=zero.to(torch.uint8), scale=scale)
 
 
-def _rtn_dual_grained(w: torch.Tensor, group: int) -> DualGrainedWeight:
+def rtn_dual_grained(w: torch.Tensor, group: int) -> DualGrainedWeight:
     """Table 1's RTN dual-grained: alpha = 1 in both phases, no search."""
     wg = grouped(w, group)
     scale, zero = asym_params(wg.amin(-1), wg.amax(-1), 1.0, bits=4)
@@ -222,7 +222,7 @@ def quantize_weight(
 ) -> SearchResult:
     """Quantize one linear's weight (o, h) with the given method; errors are relative output errors."""
     w = w.float()
-    rtn_dg = _rtn_dual_grained(w, group)
+    rtn_dg = rtn_dual_grained(w, group)
     if method == "rtn-dg":
         result: QuantizedWeight = rtn_dg
     elif method == "dgq":
