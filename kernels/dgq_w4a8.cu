@@ -61,33 +61,38 @@ __global__ void unpack_s8_kernel(const uint4* __restrict__ qweight, const int8_t
   w[2 * i + 1] = make_uint4(outw[4], outw[5], outw[6], outw[7]);
 }
 
-// Fused W4A8 GEMV for M <= ROWS: one warp per output channel streams its packed codes with
-// 16-byte loads, converts in registers and accumulates with dp4a against the int8 activations,
-// whose bytes are permuted to the even/odd feature order of the converted words.
-template <int ROWS, typename Out>
+// Fused W4A8 GEMV for M <= ROWS: a warp owns CH output channels and streams their packed codes
+// with 16-byte loads (lane i takes 32 features per channel per step), converts them in registers
+// and accumulates with dp4a against the int8 activations, whose bytes are permuted to the
+// even/odd feature order of the converted words. Each activation load serves CH channels.
+template <int ROWS, int CH, typename Out>
 __global__ void gemv_kernel(const uint4* __restrict__ qweight, const int8_t* __restrict__ s2,
                             const uint8_t* __restrict__ zp, const __half* __restrict__ s1,
                             const int8_t* __restrict__ x, const float* __restrict__ s_x, Out* __restrict__ out,
                             int m, int n, int k, int group) {
   const int lane = threadIdx.x & 31;
-  const int channel = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (channel >= n) return;
+  const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * CH;
+  if (first >= n) return;
   const int chunks = k / 32, groups = k / group;
-  const uint4* row = qweight + static_cast<int64_t>(channel) * chunks;
-  int acc[ROWS];
+  int acc[CH][ROWS];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) acc[r] = 0;
+  for (int c = 0; c < CH; ++c)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[c][r] = 0;
 
-#pragma unroll 4
   for (int chunk = lane; chunk < chunks; chunk += 32) {
-    const uint4 q = __ldg(row + chunk);
-    const int sg = channel * groups + chunk * 32 / group;
-    const uint32_t scale = static_cast<uint32_t>(s2[sg]);
-    const uint32_t c = group_constant(s2[sg], zp[sg]);
-    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-    uint32_t even[4], odd[4];
+    uint32_t even[CH][4], odd[CH][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) convert8(words[j], scale, c, even[j], odd[j]);
+    for (int c = 0; c < CH; ++c) {
+      const int channel = min(first + c, n - 1);  // a tail warp recomputes the last channel, unwritten
+      const uint4 q = __ldg(qweight + static_cast<int64_t>(channel) * chunks + chunk);
+      const int sg = channel * groups + chunk * 32 / group;
+      const uint32_t scale = static_cast<uint32_t>(s2[sg]);
+      const uint32_t cst = group_constant(s2[sg], zp[sg]);
+      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) convert8(words[j], scale, cst, even[c][j], odd[c][j]);
+    }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       if (r < m) {
@@ -96,19 +101,28 @@ __global__ void gemv_kernel(const uint4* __restrict__ qweight, const int8_t* __r
         const uint32_t xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          acc[r] = __dp4a(static_cast<int>(even[j]), static_cast<int>(__byte_perm(xs[2 * j], xs[2 * j + 1], 0x6420)), acc[r]);
-          acc[r] = __dp4a(static_cast<int>(odd[j]), static_cast<int>(__byte_perm(xs[2 * j], xs[2 * j + 1], 0x7531)), acc[r]);
+          const int xe = static_cast<int>(__byte_perm(xs[2 * j], xs[2 * j + 1], 0x6420));
+          const int xo = static_cast<int>(__byte_perm(xs[2 * j], xs[2 * j + 1], 0x7531));
+#pragma unroll
+          for (int c = 0; c < CH; ++c) {
+            acc[c][r] = __dp4a(static_cast<int>(even[c][j]), xe, acc[c][r]);
+            acc[c][r] = __dp4a(static_cast<int>(odd[c][j]), xo, acc[c][r]);
+          }
         }
       }
     }
   }
-  const float scale_w = __half2float(s1[channel]);
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    int v = acc[r];
+  for (int c = 0; c < CH; ++c) {
+    const int channel = first + c;
 #pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    if (lane == 0 && r < m) out[static_cast<int64_t>(r) * n + channel] = from_float<Out>((static_cast<float>(v) * s_x[r]) * scale_w);
+    for (int r = 0; r < ROWS; ++r) {
+      int v = acc[c][r];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      if (lane == 0 && r < m && channel < n)
+        out[static_cast<int64_t>(r) * n + channel] = from_float<Out>((static_cast<float>(v) * s_x[r]) * __half2float(s1[channel]));
+    }
   }
 }
 
@@ -160,11 +174,12 @@ __global__ void quantize_rows_kernel(const In* __restrict__ x, int8_t* __restric
   }
 }
 
-template <int ROWS, typename Out>
+template <int ROWS, int CH, typename Out>
 int launch_gemv(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
                 const float* s_x, void* out, int m, int n, int k, int group, cudaStream_t stream) {
-  constexpr int warps = 8;
-  gemv_kernel<ROWS, Out><<<(n + warps - 1) / warps, warps * 32, 0, stream>>>(
+  constexpr int warps = 4;
+  const int per_block = warps * CH;
+  gemv_kernel<ROWS, CH, Out><<<(n + per_block - 1) / per_block, warps * 32, 0, stream>>>(
       static_cast<const uint4*>(qweight), s2, zp, static_cast<const __half*>(s1), x, s_x, static_cast<Out*>(out),
       m, n, k, group);
   return cudaGetLastError() == cudaSuccess ? 0 : 3;
@@ -174,11 +189,11 @@ template <typename Out>
 int gemv_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
                   const float* s_x, void* out, int m, int n, int k, int group, cudaStream_t stream) {
   if (k % 32 || group % 32 || k % group) return 1;
-  if (m <= 1) return launch_gemv<1, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
-  if (m <= 2) return launch_gemv<2, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
-  if (m <= 4) return launch_gemv<4, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
-  if (m <= 8) return launch_gemv<8, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
-  if (m <= 16) return launch_gemv<16, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+  if (m <= 1) return launch_gemv<1, 2, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+  if (m <= 2) return launch_gemv<2, 4, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+  if (m <= 4) return launch_gemv<4, 4, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+  if (m <= 8) return launch_gemv<8, 4, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+  if (m <= 16) return launch_gemv<16, 2, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
   return 1;
 }
 

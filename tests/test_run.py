@@ -27,7 +27,8 @@ class FloatReference(torch.nn.Module):
         self.bias, self.input_scale = module.bias, module.input_scale
 
     def forward(self, x):
-        return torch.nn.functional.linear(fake_quantize_activations(x, self.input_scale), self.weight, self.bias)
+        weight = self.weight.to(x.dtype)  # fp16 when the checkpoint was quantized on a GPU
+        return torch.nn.functional.linear(fake_quantize_activations(x, self.input_scale), weight, self.bias)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +85,17 @@ def test_run_rejects_bad_checkpoints(checkpoint, tmp_path, damage):
     assert result.exit_code == 2, result.output
     expected = {"missing_dir": "not found", "missing_tensor": "scales_s2", "format_version": "format version 99"}[damage]
     assert expected in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decoding_matches_generate_on_the_kernel_path(checkpoint):
+    """Greedy tokens from the captured-graph decoder (fused kernels, static cache) equal generate()."""
+    from dgqtool.run import graph_decode
+
+    model, tokenizer, _ = load_checkpoint(checkpoint, "cuda")
+    model.half()
+    ids = tokenizer("the red house of the old river", return_tensors="pt").input_ids.cuda()
+    graph_tokens = graph_decode(model, ids, 12)[0]
+    eager = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                           min_new_tokens=12, pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+    assert torch.equal(graph_tokens, eager)

@@ -2,7 +2,7 @@
 
 Dispatch of one DGQ linear on a CUDA tensor:
   * activations -> int8 per token (or with the static scale) by one kernel;
-  * M <= 8 (decode): the fused GEMV streams the 4-bit codes and converts them in registers;
+  * M <= 16 (decode): the fused GEMV streams the 4-bit codes and converts them in registers;
   * larger M: the codes are expanded to the exact int8 weight (IMAD + XOR per 4 weights), then the
     CUTLASS-emitted sm90 GEMM with the s_x x s1 epilogue runs; on other archs torch's int8 GEMM.
 Every path computes the same integers as the torch reference, and the same fp32 epilogue order.
@@ -22,8 +22,8 @@ import torch
 from ..errors import DGQError
 from . import build
 
-# The GEMV beats expanding the weight up to 8 rows on H100 (scripts/bench_kernels.py).
-GEMV_MAX_ROWS = 8
+# The GEMV beats expanding the weight up to 16 rows on H100 (scripts/bench_kernels.py).
+GEMV_MAX_ROWS = 16
 _OUT_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 _IN_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 _ERRORS = {1: "shape not supported", 2: "workspace too small", 3: "CUDA launch failed"}
