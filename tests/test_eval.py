@@ -85,3 +85,17 @@ def test_eval_command_on_a_checkpoint_and_a_float_model(tiny_llama, corpus_file,
         scores[name] = json.loads(out.read_text())["tasks"]["wikitext2"]
     assert scores["fp"]["windows"] == scores["q"]["windows"] == 4
     assert scores["fp"]["ppl"] < scores["q"]["ppl"] < 1.5 * scores["fp"]["ppl"]
+
+    report = tmp_path / "report"
+    result = runner.invoke(app, ["--json", "eval", str(tiny_llama), "--compare", str(ckpt), "--data-dir", str(tmp_path / "data"),
+                                 "--seqlen", "64", "--limit", "4", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    runs = json.loads(result.stdout.strip().splitlines()[-1])["runs"]
+    assert [r["tasks"]["wikitext2"]["ppl"] for r in runs] == [scores["fp"]["ppl"], scores["q"]["ppl"]]
+    rows = (report / "compare.md").read_text().splitlines()
+    assert len(rows) == 4 and f"{scores['q']['ppl']:.3f} | {scores['q']['ppl'] - scores['fp']['ppl']:+.3f}" in rows[3]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (report / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

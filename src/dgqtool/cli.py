@@ -255,17 +255,31 @@ def eval_(
     data_dir: DataDir = None, device: Device = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Float model dtype [CPU float32, GPU float16].")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", help="Write the results as JSON.")] = None,
+    compare: Annotated[list[str], typer.Option("--compare", help="Also evaluate this model/checkpoint (repeatable).")] = [],
+    report: Annotated[Optional[Path], typer.Option("--report", help="With --compare: write compare.md and compare.png here.")] = None,
 ):
     """Perplexity under the GPTQ protocol (WikiText-2, PTB, C4), offline with --data-dir."""
-    from .artifacts import write_json
+    from .artifacts import atomic_path, write_json
+    from .eval.report import comparison_markdown, comparison_plot
     from .eval.runner import evaluate, results_table
     from .pipeline import pick_device
 
     dev = pick_device(device or "auto")
     reporter = _reporter()
-    results = evaluate(model, task, seqlen=seqlen, limit=limit, batch_size=batch_size, data_dir=data_dir,
-                       device=dev, dtype=dtype or ("float32" if dev == "cpu" else "float16"), reporter=reporter)
-    reporter.table(results_table(results))
+    runs = []
+    for spec in [model, *compare]:
+        runs.append(evaluate(spec, task, seqlen=seqlen, limit=limit, batch_size=batch_size, data_dir=data_dir, device=dev,
+                             dtype=dtype or ("float32" if dev == "cpu" else "float16"), reporter=reporter))
+        reporter.table(results_table(runs[-1]))
+    results = runs[0] if not compare else {"runs": runs}
+    if compare:
+        table = comparison_markdown(runs)
+        reporter.info(table)
+        if report is not None:
+            with atomic_path(report / "compare.md") as tmp:
+                tmp.write_text(table)
+            if not comparison_plot(runs, report / "compare.png"):
+                reporter.info("[yellow]matplotlib is not installed: no compare.png[/]")
     if output is not None:
         write_json(output, results)
     _emit(results)

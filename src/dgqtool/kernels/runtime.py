@@ -126,13 +126,18 @@ def gemm_variant(lib: KernelLibrary, m: int, n: int, k: int) -> str:
     return "co_128x256x128_c2x1" if n >= k else "co_256x128x128_c1x1"
 
 
+@lru_cache(maxsize=4096)
+def _workspace_bytes(lib: KernelLibrary, name: str, m: int, n: int, k: int) -> int:
+    return getattr(lib.lib, name + "_workspace")(m, n, k)  # builds the kernel arguments: not per call
+
+
 def int8_gemm(lib: KernelLibrary, x_q, s_x, w_s8, s1, out_dtype, variant: str | None = None) -> torch.Tensor:
     """CUTLASS sm90 GEMM: (x_q @ w_s8^T) * s_x * s1 -> out_dtype; x_q (M, K), w_s8 (N, K) int8."""
     m, k = x_q.shape
     n = w_s8.shape[0]
     name = f"dgq_gemm_{variant or gemm_variant(lib, m, n, k)}_{_OUT_SUFFIX[out_dtype]}"
     out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
-    workspace = torch.empty(getattr(lib.lib, name + "_workspace")(m, n, k), dtype=torch.uint8, device=x_q.device)
+    workspace = torch.empty(_workspace_bytes(lib, name, m, n, k), dtype=torch.uint8, device=x_q.device)
     lib.call(name, x_q.data_ptr(), w_s8.data_ptr(), s_x.data_ptr(), s1.data_ptr(), out.data_ptr(), m, n, k,
              workspace.data_ptr(), workspace.numel(), _stream(x_q.device))
     return out
