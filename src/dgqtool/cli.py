@@ -248,7 +248,7 @@ def quantize(
 @_handle_errors
 def eval_(
     model: Annotated[str, typer.Argument(help="Original model (dir, .gguf, alias, hub id) or a packed dgq checkpoint.")],
-    task: Annotated[list[str], typer.Option("--task", help="wikitext2 | ptb | c4 (repeatable).")] = ["wikitext2"],
+    task: Annotated[list[str], typer.Option("--task", help="wikitext2 | ptb | c4 | piqa | arc_easy | arc_challenge | boolq | winogrande (repeatable).")] = ["wikitext2"],
     seqlen: Annotated[int, typer.Option("--seqlen", help="Window length [2048].")] = 2048,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N windows.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward.")] = 1,
@@ -258,7 +258,7 @@ def eval_(
     compare: Annotated[list[str], typer.Option("--compare", help="Also evaluate this model/checkpoint (repeatable).")] = [],
     report: Annotated[Optional[Path], typer.Option("--report", help="With --compare: write compare.md and compare.png here.")] = None,
 ):
-    """Perplexity under the GPTQ protocol (WikiText-2, PTB, C4), offline with --data-dir."""
+    """Perplexity under the GPTQ protocol (WikiText-2, PTB, C4) and zero-shot accuracy (lm-eval), offline with --data-dir."""
     from .artifacts import atomic_path, write_json
     from .eval.report import comparison_markdown, comparison_plot
     from .eval.runner import evaluate, results_table

@@ -12,10 +12,12 @@ def _tasks(runs: list[dict]) -> list[str]:
 
 
 def comparison_markdown(runs: list[dict]) -> str:
-    """One row per model, one perplexity column per task, and the change against the first model."""
+    """One row per model, one column per task (ppl, or zero-shot accuracy), and the change against the first."""
+    from .runner import headline
+
     tasks = _tasks(runs)
     base = runs[0]["tasks"]
-    lines = ["| model | kind | " + " | ".join(f"{t} ppl | Δ vs first" for t in tasks) + " |",
+    lines = ["| model | kind | " + " | ".join(f"{t} {headline(_first(runs, t))[0]} | Δ vs first" for t in tasks) + " |",
              "|---|---|" + "---|---|" * len(tasks)]
     for run in runs:
         cells = []
@@ -24,14 +26,19 @@ def comparison_markdown(runs: list[dict]) -> str:
             if score is None:
                 cells += ["–", "–"]
                 continue
-            delta = score["ppl"] - base[task]["ppl"] if task in base else None
-            cells += [f"{score['ppl']:.3f}", "–" if delta is None or run is runs[0] else f"{delta:+.3f}"]
+            value = headline(score)[1]
+            delta = value - headline(base[task])[1] if task in base and run is not runs[0] else None
+            cells += [f"{value:.3f}", "–" if delta is None else f"{delta:+.3f}"]
         lines.append(f"| {run['model']} | {run['kind']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _first(runs: list[dict], task: str) -> dict:
+    return next(run["tasks"][task] for run in runs if task in run["tasks"])
+
+
 def comparison_plot(runs: list[dict], path: Path) -> bool:
-    """Grouped bars of perplexity per task; False when matplotlib is not installed."""
+    """Grouped bars of each task's headline number; False when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -39,14 +46,16 @@ def comparison_plot(runs: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    from .runner import headline
+
     tasks = _tasks(runs)
     width = 0.8 / len(runs)
     fig, ax = plt.subplots(figsize=(max(4, 2 + 1.5 * len(tasks)), 3.5))
     for i, run in enumerate(runs):
-        values = [run["tasks"].get(t, {}).get("ppl", 0.0) for t in tasks]
+        values = [headline(run["tasks"][t])[1] if t in run["tasks"] else 0.0 for t in tasks]
         ax.bar([j + i * width for j in range(len(tasks))], values, width, label=Path(run["model"]).name)
     ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(tasks))], tasks)
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel("perplexity (lower is better) / accuracy")
     ax.legend(fontsize="small")
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -38,25 +38,45 @@ def load_for_eval(spec: str, device: str, dtype: str):
 
 def evaluate(spec: str, tasks: list[str], *, seqlen: int, limit: int | None, batch_size: int, data_dir: str | None,
              device: str, dtype: str, reporter: Reporter) -> dict:
-    unknown = [t for t in tasks if t not in PPL_TASKS]
+    from .zeroshot import TASKS as ZERO_SHOT_TASKS
+
+    unknown = [t for t in tasks if t not in PPL_TASKS and t not in ZERO_SHOT_TASKS]
     if unknown:
-        raise DGQError(f"unknown task {unknown[0]}; perplexity tasks: {', '.join(PPL_TASKS)}")
+        raise DGQError(f"unknown task {unknown[0]}; perplexity tasks: {', '.join(PPL_TASKS)}; "
+                       f"zero-shot tasks: {', '.join(ZERO_SHOT_TASKS)}")
     model, tokenizer, kind = load_for_eval(spec, device, dtype)
     results = {"model": spec, "kind": kind, "protocol": "GPTQ (non-overlapping windows, exp of mean window NLL)", "tasks": {}}
-    for task in tasks:
+    for task in (t for t in tasks if t in PPL_TASKS):
         windows = ppl_windows(task, tokenizer, seqlen, data_dir, limit)
         with reporter.task(f"{task} ({len(windows)} x {seqlen} tokens)", len(windows)) as step:
             score = perplexity(model, windows, batch_size, device, on_batch=lambda n: [step.advance() for _ in range(n)])
         results["tasks"][task] = {"ppl": score.ppl, "windows": score.windows, "seqlen": score.seqlen}
+    zero_shot_tasks = [t for t in tasks if t in ZERO_SHOT_TASKS]
+    if zero_shot_tasks:
+        from .zeroshot import zero_shot
+
+        reporter.info(f"zero-shot through lm-eval: {', '.join(zero_shot_tasks)}")
+        results["tasks"].update(zero_shot(model, tokenizer, zero_shot_tasks, limit=limit, batch_size=batch_size,
+                                          data_dir=data_dir))
     return results
+
+
+def headline(score: dict) -> tuple[str, float]:
+    """The number a task is judged by: perplexity, or zero-shot accuracy (acc_norm where reported)."""
+    if "ppl" in score:
+        return "ppl", score["ppl"]
+    return ("acc_norm", score["acc_norm"]) if "acc_norm" in score else ("acc", score["acc"])
 
 
 def results_table(results: dict) -> Table:
     table = Table(title=f"{results['model']} [{results['kind']}]")
-    for column in ("task", "ppl", "windows", "seqlen"):
+    for column in ("task", "metric", "value", "items"):
         table.add_column(column, justify="right")
     for task, r in results["tasks"].items():
-        table.add_row(task, f"{r['ppl']:.3f}", str(r["windows"]), str(r["seqlen"]))
+        if "ppl" in r:
+            table.add_row(task, "ppl", f"{r['ppl']:.3f}", f"{r['windows']} x {r['seqlen']} tokens")
+        else:
+            for metric in ("acc", "acc_norm"):
+                if metric in r:
+                    table.add_row(task, metric, f"{r[metric]:.4f}", str(r["samples"]))
     return table
-
-

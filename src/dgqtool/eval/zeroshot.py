@@ -78,9 +78,9 @@ def task_config(task: str, local: Path | None, scratch: Path) -> dict | str:
     converted = scratch / f"{task}.jsonl"
     converted.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     config = load_yaml(Path(lm_eval.tasks.__file__).parent / yaml_file)
-    split = config.get("test_split") or config["validation_split"]
-    config.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {split: str(converted)}},
-                  training_split=None, fewshot_split=None)
+    # the local file is the split lm-eval scores (ARC's test, the others' validation), served as "test"
+    config.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {"test": str(converted)}},
+                  test_split="test", validation_split=None, training_split=None, fewshot_split=None)
     config.pop("tag", None)
     return config
 
