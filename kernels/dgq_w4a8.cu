@@ -1,5 +1,6 @@
-// Hand-written DGQ kernels (any arch with dp4a, sm_61+): the exact 4-bit -> int8 weight
-// conversion, a fused W4A8 GEMV for decode-sized M, and per-token int8 activation quantization.
+// Hand-written DGQ kernels (sm_80+): the exact 4-bit -> int8 weight conversion, a fused W4A8 GEMV
+// for decode-sized M, a fused tensor-core (mma.sync) kernel for small and mid M, and per-token int8
+// activation quantization.
 //
 // Packed layout (dgqtool.quant.dual_grained.pack_nibbles): byte i of a weight row holds input
 // feature 2i in the low nibble and 2i+1 in the high one, so a little-endian 32-bit word holds
@@ -126,6 +127,104 @@ __global__ void gemv_kernel(const uint4* __restrict__ qweight, const int8_t* __r
   }
 }
 
+__device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                       uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Fused tensor-core W4A8 for small and mid M, in the swapped form out^T = W x^T: the converted
+// weights are mma's A operand (16 channels per m16 tile, CT tiles per warp), the int8 tokens are B
+// (8 per n8 tile, TT tiles per block). A K step is 128 features; lane (g = lane / 4, t = lane % 4)
+// loads one 16-byte word of codes -- features [32t, 32t + 32) -- for channels g and g + 8 of each
+// tile, and the same 32 features of token g. The dot product does not care which feature sits in
+// which mma k slot as long as A and B agree, so slot 4t + i of sub-step j carries feature
+// 32t + 8j + 2i and slot 16 + 4t + i feature 32t + 8j + 2i + 1: exactly the even / odd words of
+// convert8, and two byte permutes of the activations. No weight reordering, loads fully coalesced
+// (a warp reads 64 contiguous bytes per channel). The block's warps split K and sum their int32
+// tiles in shared memory, so the result is exact whatever the split.
+template <int CT, int TT, typename Out>
+__global__ void __launch_bounds__(256) mma_kernel(const uint4* __restrict__ qweight, const int8_t* __restrict__ s2,
+                                                  const uint8_t* __restrict__ zp, const __half* __restrict__ s1,
+                                                  const int8_t* __restrict__ x, const float* __restrict__ s_x,
+                                                  Out* __restrict__ out, int m, int n, int k, int group) {
+  constexpr int CHANNELS = 16 * CT, TOKENS = 8 * TT;
+  __shared__ int tile[TOKENS][CHANNELS];
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ch0 = blockIdx.x * CHANNELS, tok0 = blockIdx.y * TOKENS;
+  const int words_per_row = k / 32, groups = k / group;
+  for (int i = threadIdx.x; i < TOKENS * CHANNELS; i += blockDim.x) (&tile[0][0])[i] = 0;
+
+  int row[CT][2];  // rows past n (and tokens past m) repeat the last one; their results are not stored
+#pragma unroll
+  for (int c = 0; c < CT; ++c)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row[c][h] = min(ch0 + 16 * c + 8 * h + g, n - 1);
+  const uint4* xrow[TT];
+#pragma unroll
+  for (int tt = 0; tt < TT; ++tt)
+    xrow[tt] = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(min(tok0 + 8 * tt + g, m - 1)) * k);
+
+  int acc[CT][TT][4];
+#pragma unroll
+  for (int c = 0; c < CT; ++c)
+#pragma unroll
+    for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[c][tt][i] = 0;
+
+  const int steps = (k + 127) / 128;
+#pragma unroll 2
+  for (int step = warp; step < steps; step += warps) {
+    const int word = step * 4 + t;  // this lane's 32 features
+    const bool live = word < words_per_row;  // K % 128 != 0: the tail lanes feed zeros
+    uint32_t even[CT][2][4], odd[CT][2][4];
+#pragma unroll
+    for (int c = 0; c < CT; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row[c][h];
+        const uint4 q = live ? __ldg(qweight + static_cast<int64_t>(r) * words_per_row + word) : make_uint4(0, 0, 0, 0);
+        const int sg = r * groups + (live ? word * 32 / group : 0);
+        const uint32_t scale = static_cast<uint32_t>(s2[sg]);
+        const uint32_t cst = group_constant(s2[sg], zp[sg]);
+        const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) convert8(words[j], scale, cst, even[c][h][j], odd[c][h][j]);
+      }
+#pragma unroll
+    for (int tt = 0; tt < TT; ++tt) {
+      const uint4 lo = live ? __ldg(xrow[tt] + 2 * word) : make_uint4(0, 0, 0, 0);
+      const uint4 hi = live ? __ldg(xrow[tt] + 2 * word + 1) : make_uint4(0, 0, 0, 0);
+      const uint32_t xs[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t xe = __byte_perm(xs[2 * j], xs[2 * j + 1], 0x6420);
+        const uint32_t xo = __byte_perm(xs[2 * j], xs[2 * j + 1], 0x7531);
+#pragma unroll
+        for (int c = 0; c < CT; ++c)
+          mma_s8(acc[c][tt], even[c][0][j], even[c][1][j], odd[c][0][j], odd[c][1][j], xe, xo);
+      }
+    }
+  }
+  __syncthreads();  // the tile is zeroed
+#pragma unroll
+  for (int c = 0; c < CT; ++c)
+#pragma unroll
+    for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)  // accumulator i: channel g (+8 for i >= 2), token 2t (+1 for odd i)
+        atomicAdd(&tile[8 * tt + 2 * t + (i & 1)][16 * c + g + 8 * (i >> 1)], acc[c][tt][i]);
+  __syncthreads();
+  for (int i = threadIdx.x; i < TOKENS * CHANNELS; i += blockDim.x) {
+    const int token = tok0 + i / CHANNELS, channel = ch0 + i % CHANNELS;
+    if (token < m && channel < n)
+      out[static_cast<int64_t>(token) * n + channel] =
+          from_float<Out>((static_cast<float>(tile[i / CHANNELS][i % CHANNELS]) * s_x[token]) * __half2float(s1[channel]));
+  }
+}
+
 // Per-token (static_scale == nullptr) or static per-tensor symmetric int8, bit-identical to
 // dgqtool.quant.quantizer: scale = max(amax * (1/127), 1e-8), q = clamp(rint(x / scale), -127, 127).
 // VEC elements per 16-byte load; the row is read twice (the second time from L1/L2).
@@ -197,10 +296,44 @@ int gemv_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, cons
   return 1;
 }
 
+template <int CT, int TT, typename Out>
+int launch_mma(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+               const float* s_x, void* out, int m, int n, int k, int group, int warps, cudaStream_t stream) {
+  const dim3 grid((n + 16 * CT - 1) / (16 * CT), (m + 8 * TT - 1) / (8 * TT));
+  mma_kernel<CT, TT, Out><<<grid, warps * 32, 0, stream>>>(
+      static_cast<const uint4*>(qweight), s2, zp, static_cast<const __half*>(s1), x, s_x, static_cast<Out*>(out),
+      m, n, k, group);
+  return cudaGetLastError() == cudaSuccess ? 0 : 3;
+}
+
+// Token tiles from M (up to 64 tokens per block; more M adds blocks that re-read the weights from
+// L2); channel tiles per warp (1 or 2) and warps per block (4 or 8) are the tuned knobs.
+template <int CT, typename Out>
+int mma_by_rows(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+                const float* s_x, void* out, int m, int n, int k, int group, int warps, cudaStream_t stream) {
+  if (m <= 8) return launch_mma<CT, 1, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, warps, stream);
+  if (m <= 16) return launch_mma<CT, 2, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, warps, stream);
+  if (m <= 32) return launch_mma<CT, 4, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, warps, stream);
+  return launch_mma<CT, 8, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, warps, stream);
+}
+
+template <typename Out>
+int mma_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+                 const float* s_x, void* out, int m, int n, int k, int group, int channel_tiles, int warps,
+                 cudaStream_t stream) {
+  if (k % 32 || group % 32 || k % group || m < 1 || (warps != 4 && warps != 8)) return 1;
+  if (channel_tiles == 1) return mma_by_rows<1, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, warps, stream);
+  if (channel_tiles == 2) return mma_by_rows<2, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, warps, stream);
+  return 1;
+}
+
 template <typename In>
 int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k, cudaStream_t stream) {
-  if (k % (16 / sizeof(In))) return 1;
-  const int threads = k >= 4096 ? 256 : 128;
+  constexpr int VEC = 16 / sizeof(In);
+  if (k % VEC) return 1;
+  // Few rows (decode) leave most SMs idle, so a row's latency is the kernel's: give each thread
+  // about one 16-byte load per pass. Many rows: fewer threads per row, more rows per SM.
+  const int threads = m <= 64 ? min(1024, (k / VEC + 31) / 32 * 32) : (k >= 4096 ? 256 : 128);
   quantize_rows_kernel<In><<<m, threads, 0, stream>>>(static_cast<const In*>(x), q, scale, static_scale, k);
   return cudaGetLastError() == cudaSuccess ? 0 : 3;
 }
@@ -225,6 +358,18 @@ extern "C" int dgq_gemv_f16(const void* qweight, const int8_t* s2, const uint8_t
 extern "C" int dgq_gemv_bf16(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
                              const float* s_x, void* out, int m, int n, int k, int group, cudaStream_t stream) {
   return gemv_dispatch<__nv_bfloat16>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+}
+
+extern "C" int dgq_mma_f16(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+                           const float* s_x, void* out, int m, int n, int k, int group, int channel_tiles, int warps,
+                           cudaStream_t stream) {
+  return mma_dispatch<__half>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, channel_tiles, warps, stream);
+}
+
+extern "C" int dgq_mma_bf16(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+                            const float* s_x, void* out, int m, int n, int k, int group, int channel_tiles, int warps,
+                            cudaStream_t stream) {
+  return mma_dispatch<__nv_bfloat16>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, channel_tiles, warps, stream);
 }
 
 extern "C" int dgq_quantize_rows_f16(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k,

@@ -60,6 +60,7 @@ def test_kernel_library_compiles(arch):
     library = build.build(arch, log=lambda _msg: None)
     symbols = subprocess.run(["nm", "-D", str(library)], capture_output=True, text=True).stdout
     assert "dgq_gemv_f16" in symbols and "dgq_unpack_s8" in symbols and "dgq_quantize_rows_bf16" in symbols
+    assert "dgq_mma_bf16" in symbols
     assert ("dgq_gemm_co_128x256x128_c2x1_bf16" in symbols) == (arch == "sm_90a")
 
 
@@ -122,6 +123,48 @@ def test_gemv_is_bit_exact(out_dtype, n, k, group):
 
 
 @gpu
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,group", [(576, 576, 64), (200, 1536, 64), (4096, 4096, 128), (256, 11008, 128)])
+def test_tensor_core_kernel_is_bit_exact(out_dtype, n, k, group):
+    """Ragged M (token tiles of 8..64 plus a second block row), N not a multiple of the channel
+    tile, K with a partial 128-feature step (576), every configuration."""
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    w, qweight, s2, zero, s1 = _weight(n, k, group)
+    w_s8 = w.int8_weight().cuda()
+    for m in (1, 3, 8, 17, 40, 100, 1000):
+        x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+        s_x = torch.rand(m, 1, device="cuda") * 1e-2
+        ref = dual_scale_gemm(x_q, s_x, w_s8, s1, out_dtype)
+        for config in runtime.MMA_CONFIGS:
+            out = runtime.mma(lib, x_q, s_x, qweight, s2, zero, s1, group, out_dtype, config)
+            assert torch.equal(out, ref), (m, config)
+
+
+@gpu
+def test_tensor_core_integer_sums_are_exact():
+    """Extreme weights (S2 (code - zp) in {-105, 120}) against 16 scattered +-1 activations per token
+    over K = 4096: every sum is an integer below 2048 in magnitude, which fp16 holds exactly."""
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    n, k, group, m = 48, 4096, 128, 5
+    codes = torch.randint(0, 2, (n, k), dtype=torch.uint8) * 15
+    zero = torch.full((n, k // group), 7, dtype=torch.uint8)
+    s2 = torch.full((n, k // group), 15, dtype=torch.int8)
+    w = DualGrainedWeight(codes, zero, s2, torch.ones(n))
+    x_q = torch.zeros(m, k, dtype=torch.int8)
+    for row in x_q:
+        row[torch.randperm(k)[:16]] = torch.randint(0, 2, (16,), dtype=torch.int8) * 2 - 1
+    one = torch.ones(n, dtype=torch.float16, device="cuda")
+    out = runtime.mma(lib, x_q.cuda(), torch.ones(m, 1, device="cuda"), pack_nibbles(codes).cuda(), s2.cuda(),
+                      zero.cuda(), one, group, torch.float16)
+    acc = x_q.int() @ w.int8_weight().int().T
+    assert acc.abs().max() > 500 and torch.equal(out.cpu().int(), acc)
+
+
+@gpu
 def test_gemv_integer_sums_are_exact():
     """S2 = 1, unit fp scales and x in {-1, 0, 1} keep |sum| <= 64 * 15 < 2048: fp16 holds it exactly."""
     from dgqtool.kernels import runtime
@@ -169,6 +212,6 @@ def test_dgq_linear_on_gpu_equals_cpu_reference(static):
     x = torch.randn(3, 40, 576, dtype=torch.float16)
     ref = module(x)
     gpu_module = module.cuda()
-    for rows in (1, 40):  # decode (fused GEMV) and prefill (CUTLASS GEMM)
+    for rows in (1, 8, 40):  # decode (fused GEMV), small M (tensor-core kernel), prefill
         out = gpu_module(x[:, :rows].cuda())
         assert torch.equal(out.cpu(), ref[:, :rows])

@@ -99,3 +99,31 @@ def test_cuda_graph_decoding_matches_generate_on_the_kernel_path(checkpoint):
     eager = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                            min_new_tokens=12, pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
     assert torch.equal(graph_tokens, eager)
+
+
+@pytest.fixture(scope="module")
+def static_opt_checkpoint(tiny_opt, corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_opt") / "ckpt"
+    result = runner.invoke(app, ["quantize", str(tiny_opt), "-o", str(out), "--calib-data", str(corpus_file),
+                                 "--nsamples", "4", "--seqlen", "64", "--group", "32", "--act", "static", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("which,fused_groups", [("checkpoint", 4), ("static_opt_checkpoint", 2)])
+def test_fused_projections_give_bit_identical_logits(request, which, fused_groups):
+    """q/k/v and gate/up as one GEMM each (LLaMA; OPT has q/k/v only, with biases and static scales)."""
+    from dgqtool.checkpoint import fuse_for_inference
+    from dgqtool.nn.fused import ProjectionSlice
+
+    path = request.getfixturevalue(which)
+    model, _, _ = load_checkpoint(path)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids).logits
+    linears_before = sum(isinstance(m, DGQLinear) for m in model.modules())
+    fused = fuse_for_inference(model)
+    slices = [m for m in fused.modules() if isinstance(m, ProjectionSlice)]
+    assert len({id(s.shared) for s in slices}) == fused_groups
+    assert sum(isinstance(m, DGQLinear) for m in fused.modules()) == linears_before - len(slices) + fused_groups
+    assert torch.equal(fused(input_ids=ids).logits, expected)
+    assert all(s.shared._output is None for s in slices)  # nothing held between calls

@@ -15,6 +15,7 @@ from .errors import DGQError
 from .models.adapters import adapter_for, decoder_layers
 from .models.load import DTYPES
 from .nn.dgq_linear import FORMATS
+from .nn.fused import fuse_shared_inputs
 from .quant.dual_grained import format_violations, pack_nibbles
 
 PACKED_BUFFERS = {"qweight", "qzeros", "scales_s2", "scales_s1", "scales", "input_scale"}
@@ -35,6 +36,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu", check_hashes: bool = 
     model = _quantized_model(path, state, FORMATS[q["format"]], dtype, q.get("activation") == "static",
                              lambda linear: linear.in_features if q.get("method") == "channelwise" else group)
     return model.to(device).eval(), _tokenizer(path), q
+
+
+def fuse_for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """q/k/v and gate/up (each adapter input group) as one GEMM each; outputs are bit-identical."""
+    fuse_shared_inputs(model, adapter_for(model.config.model_type))
+    return model
 
 
 def load_compressed_tensors(path: str | Path, device: str = "cpu"):

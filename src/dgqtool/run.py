@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import fuse_for_inference, load_checkpoint
 from .resources import peak_rss_mb
 
 
@@ -132,5 +132,5 @@ def _cuda_graph_generate(model, ids, max_new_tokens: int, temperature: float, st
 
 def run_checkpoint(path: Path, prompt: str, *, device: str, max_new_tokens: int, temperature: float, chat: bool) -> Generation:
     model, tokenizer, _ = load_checkpoint(path, device)
-    return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat=chat,
+    return generate(fuse_for_inference(model), tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat=chat,
                     stream=sys.stdout, device=device)

@@ -25,11 +25,11 @@ def load_for_eval(spec: str, device: str, dtype: str):
     """Quantized checkpoints run through their W4A8 modules; anything else loads as a float model."""
     kind = checkpoint_kind(spec)
     if kind is not None:
-        from ..checkpoint import load_checkpoint, load_compressed_tensors
+        from ..checkpoint import fuse_for_inference, load_checkpoint, load_compressed_tensors
 
         loader = load_checkpoint if kind == "dgq" else load_compressed_tensors
         model, tokenizer, _ = loader(spec, device)
-        return model, tokenizer, f"{kind} checkpoint"
+        return fuse_for_inference(model), tokenizer, f"{kind} checkpoint"
     from ..models.load import load_model
 
     model, tokenizer, _ = load_model(spec, dtype)

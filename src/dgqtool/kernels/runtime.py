@@ -2,9 +2,13 @@
 
 Dispatch of one DGQ linear on a CUDA tensor:
   * activations -> int8 per token (or with the static scale) by one kernel;
-  * M <= 16 (decode): the fused GEMV streams the 4-bit codes and converts them in registers;
-  * larger M: the codes are expanded to the exact int8 weight (IMAD + XOR per 4 weights), then the
+  * M = 1: the fused GEMV streams the 4-bit codes and converts them in registers (dp4a);
+  * small and mid M: the fused tensor-core kernel converts the codes in registers into mma.sync's
+    A operand (no int8 weight ever reaches memory);
+  * large M: the codes are expanded to the exact int8 weight (IMAD + XOR per 4 weights), then the
     CUTLASS-emitted sm90 GEMM with the s_x x s1 epilogue runs; on other archs torch's int8 GEMM.
+The path and its tile configuration per (M bucket, N, K) come from kernels/tuned_sm90.json
+(scripts/bench_gemm.py --tune), with the defaults below for shapes it does not list.
 Every path computes the same integers as the torch reference, and the same fp32 epilogue order.
 """
 
@@ -22,8 +26,12 @@ import torch
 from ..errors import DGQError
 from . import build
 
-# The GEMV beats expanding the weight up to 16 rows on H100 (scripts/bench_kernels.py).
+# Defaults for untuned shapes (H100, scripts/bench_gemm.py): the GEMV handles up to 16 rows but
+# only wins at one; the tensor-core kernel (channel tiles per warp, warps per block) up to MMA_MAX_ROWS.
 GEMV_MAX_ROWS = 16
+MMA_MAX_ROWS = 64
+MMA_DEFAULT = (1, 8)
+MMA_CONFIGS = [(1, 4), (1, 8), (2, 4), (2, 8)]
 _OUT_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 _IN_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 _ERRORS = {1: "shape not supported", 2: "workspace too small", 3: "CUDA launch failed"}
@@ -41,6 +49,7 @@ class KernelLibrary:
         self._sig("dgq_unpack_s8", [ptr, ptr, ptr, ptr, i32, i32, i32, ptr])
         for suffix in _OUT_SUFFIX.values():
             self._sig(f"dgq_gemv_{suffix}", [ptr] * 7 + [i32] * 4 + [ptr])
+            self._sig(f"dgq_mma_{suffix}", [ptr] * 7 + [i32] * 6 + [ptr])
         for suffix in _IN_SUFFIX.values():
             self._sig(f"dgq_quantize_rows_{suffix}", [ptr] * 4 + [i32, i32, ptr])
         self.gemm_variants = [v["name"] for v in json.loads(
@@ -50,7 +59,7 @@ class KernelLibrary:
                 self._sig(f"dgq_gemm_{name}_{suffix}", [ptr] * 5 + [i32] * 3 + [ptr, size, ptr])
                 fn = getattr(self.lib, f"dgq_gemm_{name}_{suffix}_workspace")
                 fn.argtypes, fn.restype = [i32] * 3, size
-        self.tuned = _tuned_table()
+        self.tuned, self.paths = _tuned_table()
 
     def _sig(self, name: str, argtypes: list) -> None:
         fn = getattr(self.lib, name)
@@ -62,10 +71,15 @@ class KernelLibrary:
             raise RuntimeError(f"{name}: {_ERRORS.get(status, status)}")
 
 
-def _tuned_table() -> dict[str, str]:
-    """Per-shape variant choice measured by scripts/bench_kernels.py --tune (H100)."""
+def _tuned_table() -> tuple[dict[str, str], dict[str, list]]:
+    """Per-shape GEMM variant and path choices measured by scripts/bench_gemm.py --tune (H100)."""
     path = build.source_dir() / "tuned_sm90.json"
-    return json.loads(path.read_text())["choice"] if path.is_file() else {}
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    return table.get("choice", {}), table.get("paths", {})
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(m - 1, 0).bit_length()
 
 
 @lru_cache(maxsize=None)
@@ -117,7 +131,7 @@ def unpack_s8(lib: KernelLibrary, qweight: torch.Tensor, s2: torch.Tensor, zero:
 
 
 def gemm_variant(lib: KernelLibrary, m: int, n: int, k: int) -> str:
-    bucket = 1 << max(m - 1, 0).bit_length()
+    bucket = _bucket(m)
     choice = lib.tuned.get(f"{bucket},{n},{k}")
     if choice in lib.gemm_variants:
         return choice
@@ -152,13 +166,37 @@ def gemv(lib: KernelLibrary, x_q, s_x, qweight, s2, zero, s1, group: int, out_dt
     return out
 
 
+def mma(lib: KernelLibrary, x_q, s_x, qweight, s2, zero, s1, group: int, out_dtype,
+        config: tuple[int, int] = MMA_DEFAULT) -> torch.Tensor:
+    """Fused tensor-core kernel; config = (channel tiles of 16 per warp, warps per block)."""
+    m, k = x_q.shape
+    n = qweight.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+    lib.call(f"dgq_mma_{_OUT_SUFFIX[out_dtype]}", qweight.data_ptr(), s2.data_ptr(), zero.data_ptr(), s1.data_ptr(),
+             x_q.data_ptr(), s_x.data_ptr(), out.data_ptr(), m, n, k, group, *config, _stream(x_q.device))
+    return out
+
+
+def choose_path(lib: KernelLibrary, m: int, n: int, k: int) -> tuple[str, tuple[int, int] | None]:
+    """("gemv" | "mma" | "gemm", mma config) for an M x N x K problem."""
+    tuned = lib.paths.get(f"{_bucket(m)},{n},{k}")
+    if tuned is not None:
+        return tuned[0], tuple(tuned[1]) if tuned[0] == "mma" else None
+    if m == 1:
+        return "gemv", None
+    return ("mma", MMA_DEFAULT) if m <= MMA_MAX_ROWS else ("gemm", None)
+
+
 def dgq_linear(lib: KernelLibrary, x: torch.Tensor, qweight, s2, zero, s1, group: int,
                static_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One DGQ linear without bias: x (M, K) fp16/bf16 -> (M, N) in x's dtype."""
     x_q, s_x = quantize_rows(lib, x, static_scale)
     m, k = x_q.shape
-    if m <= GEMV_MAX_ROWS and group % 32 == 0:
+    path, config = choose_path(lib, m, qweight.shape[0], k) if group % 32 == 0 else ("gemm", None)
+    if path == "gemv" and m <= GEMV_MAX_ROWS:
         return gemv(lib, x_q, s_x, qweight, s2, zero, s1, group, x.dtype)
+    if path == "mma":
+        return mma(lib, x_q, s_x, qweight, s2, zero, s1, group, x.dtype, config)
     w_s8 = unpack_s8(lib, qweight, s2, zero, group)
     if lib.gemm_variants and k % 16 == 0 and qweight.shape[0] % 8 == 0:
         return int8_gemm(lib, x_q, s_x, w_s8, s1, x.dtype)

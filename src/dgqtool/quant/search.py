@@ -79,6 +79,18 @@ def _delta_error(delta: torch.Tensor, linear: torch.Tensor, quad: torch.Tensor) 
     return quadratic - 2 * (linear * delta).sum(-1)
 
 
+def _group_blocks(w: torch.Tensor, moments: SecondMoments, group: int, objective: Objective):
+    """Eq. 3's per-group terms: grouped weight (o, n_g, g), its linear term and the quadratic blocks."""
+    cross, quad = (_diag_blocks(m, group) for m in moments.objective(objective))
+    wg = grouped(w, group)
+    return wg, torch.einsum("okg,kgh->okh", wg, cross - quad), quad
+
+
+def _group_delta_error(delta: torch.Tensor, linear: torch.Tensor, quad: torch.Tensor) -> torch.Tensor:
+    """Per (output channel, group) output error of a weight change delta (o, n_g, g), up to a constant."""
+    return torch.einsum("okg,kgh,okh->ok", delta, quad, delta) - 2 * (linear * delta).sum(-1)
+
+
 @contextmanager
 def _tf32():
     """TF32 tensor cores for the one large matmul; exact enough since its operand is delta."""
@@ -104,17 +116,15 @@ def search_group_scales(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 1 (Eq. 3): per (output channel, group) the 4-bit scale and zero point minimising the
     group's output error over the clipping grid. Returns float (o, n_g) scales and zeros."""
-    cross, quad = (_diag_blocks(m, group) for m in moments.objective(objective))
-    wg = grouped(w, group)
+    wg, linear, quad = _group_blocks(w, moments, group, objective)
     w_min, w_max = wg.amin(-1), wg.amax(-1)
-    linear = torch.einsum("okg,kgh->okh", wg, cross - quad)
     best_err = torch.full(w_min.shape, float("inf"), device=w.device)
     best_scale = torch.zeros_like(w_min)
     best_zero = torch.zeros_like(w_min)
     for alpha in grid.tolist():
         scale, zero = asym_params(w_min, w_max, alpha, bits=4)
         delta = fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits=4) - wg
-        err = torch.einsum("okg,kgh,okh->ok", delta, quad, delta) - 2 * (linear * delta).sum(-1)
+        err = _group_delta_error(delta, linear, quad)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -176,9 +186,7 @@ def refine_group_integers(
     """Optional phase 3 (not in the paper): round(S' / s1) misses the phase-1 scale by up to 1/(2 S2),
     20-30 % for narrow groups. Per group, try floor and ceil of S' / s1 and the zero point +-1, keep
     the pair with the lowest group output error (Eq. 3's blocks). Returns float S2 and zeros (o, n_g)."""
-    cross, quad = (_diag_blocks(m, group) for m in moments.objective(objective))
-    wg = grouped(w, group)
-    linear = torch.einsum("okg,kgh->okh", wg, cross - quad)
+    wg, linear, quad = _group_blocks(w, moments, group, objective)
     ratio = group_scale / s1.unsqueeze(-1)
     best_err = torch.full(zero.shape, float("inf"), device=w.device)
     best_s2, best_zero = split_scales(group_scale, s1), zero
@@ -187,7 +195,7 @@ def refine_group_integers(
             z = (zero + shift).clamp(0, 15)
             codes = dual_grained_codes(w, z, s2, s1)
             delta = (codes - z.unsqueeze(-1)) * (s2 * s1.unsqueeze(-1)).unsqueeze(-1) - wg
-            err = torch.einsum("okg,kgh,okh->ok", delta, quad, delta) - 2 * (linear * delta).sum(-1)
+            err = _group_delta_error(delta, linear, quad)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s2 = torch.where(better, s2, best_s2)

@@ -1,0 +1,108 @@
+"""Quantized linears that read one activation (q/k/v, gate/up) run as one GEMM.
+
+Every packed tensor of both weight formats is per output channel, so the members' rows concatenate
+into one module of the same format: the activation is quantized once and one kernel streams all
+their weights. Each member is replaced by a slice of the shared output, so the model's own forward
+code (which calls q_proj, k_proj, v_proj in turn on the same tensor) runs unchanged. The integers and
+the fp32 epilogue of every output element are the same as unfused: outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.adapters import Adapter, decoder_layers
+from .dgq_linear import _W4A8Linear
+
+_PER_CHANNEL = ("qweight", "qzeros", "scales_s2", "scales_s1", "scales")
+
+
+class SharedInputLinear(nn.Module):
+    """One fused quantized linear whose output is handed out in member slices."""
+
+    def __init__(self, fused: _W4A8Linear, widths: tuple[int, ...]):
+        super().__init__()
+        self.fused, self.widths = fused, widths
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._pending: set[int] = set()
+
+    def output_for(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        """The fused output for x, computed on the first member's call and dropped after the last's."""
+        if self._input is not x or member not in self._pending:
+            self._input, self._output, self._pending = x, self.fused(x), set(range(len(self.widths)))
+        self._pending.discard(member)
+        out = self._output
+        if not self._pending:
+            self._input = self._output = None
+        return out
+
+
+class ProjectionSlice(nn.Module):
+    """Stands where a member linear was: its columns [start, stop) of the shared output."""
+
+    def __init__(self, shared: SharedInputLinear, member: int, start: int, stop: int):
+        super().__init__()
+        if member == 0:
+            self.shared = shared  # registered once, so state_dict and .to() see its buffers once
+        else:
+            object.__setattr__(self, "shared", shared)
+        self.member, self.start, self.stop = member, start, stop
+        self.in_features, self.out_features = shared.fused.in_features, stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.output_for(x, self.member)[..., self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"columns {self.start}:{self.stop} of a fused {type(self.shared.fused).__name__}"
+
+
+def _fusable(members: list[nn.Module]) -> bool:
+    first = members[0]
+    if len(members) < 2 or not all(type(m) is type(first) and isinstance(m, _W4A8Linear) for m in members):
+        return False
+    if any(m.in_features != first.in_features or m.group != first.group for m in members):
+        return False
+    scales = [m.input_scale for m in members]
+    if any(s is None for s in scales):  # static scales must agree to share one quantization
+        return all(s is None for s in scales)
+    return all(torch.equal(s, scales[0]) for s in scales)
+
+
+@torch.no_grad()
+def fuse(members: list[_W4A8Linear]) -> _W4A8Linear:
+    """One module of the members' format whose rows are theirs, in order."""
+    first = members[0]
+    biases = [m.bias for m in members]
+    dtype = next((b.dtype for b in biases if b is not None), torch.float32)
+    fused = type(first)(first.in_features, sum(m.out_features for m in members), first.group,
+                        bias=any(b is not None for b in biases), static=first.input_scale is not None, dtype=dtype)
+    fused = fused.to(first.qweight.device)
+    for name in _PER_CHANNEL:
+        if hasattr(fused, name):
+            getattr(fused, name).copy_(torch.cat([getattr(m, name) for m in members]))
+    if fused.bias is not None:
+        fused.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=dtype,
+                                    device=fused.bias.device) for m in members]))
+    if fused.input_scale is not None:
+        fused.input_scale.copy_(first.input_scale)
+    return fused
+
+
+def fuse_shared_inputs(model: nn.Module, adapter: Adapter) -> int:
+    """Fuse, in every decoder layer, each adapter input group of several quantized linears.
+    Returns the number of fused groups."""
+    count = 0
+    for layer in decoder_layers(model, adapter):
+        for group in adapter.inputs:
+            members = [layer.get_submodule(name) for name in group.linears]
+            if not _fusable(members):
+                continue
+            shared = SharedInputLinear(fuse(members), tuple(m.out_features for m in members))
+            start = 0
+            for i, (name, member) in enumerate(zip(group.linears, members)):
+                layer.set_submodule(name, ProjectionSlice(shared, i, start, start + member.out_features))
+                start += member.out_features
+            count += 1
+    return count
