@@ -1,13 +1,19 @@
-"""Emit the sm90 int8 GEMM instantiations for DGQ with the CUTLASS Python emitter (cutlass_library).
+"""Emit the int8 GEMM instantiations for DGQ with the CUTLASS Python emitter (cutlass_library).
 
-Each variant is a TMA warp-specialized s8 x s8 -> s32 GEMM, X (M x K, row-major) times the int8
-weight (N x K, i.e. column-major K x N), whose epilogue visitor tree applies DGQ's two fp scales:
+Each variant is an s8 x s8 -> s32 GEMM, X (M x K, row-major) times the int8 weight (N x K, i.e.
+column-major K x N), whose epilogue visitor tree applies DGQ's two fp scales:
     D[m, n] = ((float(acc[m, n]) * s_x[m]) * s1[n])     (rounded once to fp16 / bf16)
 in the same order as the torch reference (`dgqtool.gemm.dual_scale_gemm`), so outputs are
-bit-identical. The emitter writes the kernel types; the extern "C" launcher around each is ours,
-because the emitter's PyTorch path only forwards alpha/beta, not visitor-tree arguments.
+bit-identical.
+  * sm90: TMA warp-specialized CUTLASS 3.x kernels; the emitter (EmitGemmUniversal3xInstance)
+    writes the kernel types, with our visitor tree as its epilogue functor;
+  * sm80: CUTLASS 2.x multistage kernels with the 2.x visitor tree (Sm80EVT), which the emitter has
+    no template for: the kernel type is dgq_gemm_sm80.cuh's, instantiated here per tile from
+    cutlass_library's tile descriptions and type tags.
+The extern "C" launcher around each is ours, because the emitter's PyTorch path only forwards
+alpha/beta, not visitor-tree arguments.
 
-    python kernels/generate.py OUT_DIR      # writes OUT_DIR/gemm_<variant>.cu and variants.json
+    python kernels/generate.py OUT_DIR [ARCH]   # writes OUT_DIR/gemm_<variant>.cu and variants.json
 """
 
 from __future__ import annotations
@@ -114,16 +120,67 @@ def emit_variant(variant: Variant, out: str) -> str:
     )
 
 
-def generate(out_dir: Path) -> list[dict]:
+@dataclass(frozen=True)
+class Sm80Variant:
+    """One CUTLASS 2.x tile configuration: threadblock and warp tiles, mainloop stages."""
+
+    tile: tuple[int, int, int]
+    warp: tuple[int, int, int]
+    stages: int
+
+    @property
+    def name(self) -> str:
+        m, n, k = self.tile
+        return f"a_{m}x{n}x{k}_s{self.stages}"
+
+    def description(self) -> L.TileDescription:
+        math = L.MathInstruction([16, 8, 32], L.DataType.s8, L.DataType.s8, L.DataType.s32,
+                                 L.OpcodeClass.TensorOp, L.MathOperation.multiply_add_saturate)
+        warps = [t // w for t, w in zip(self.tile, self.warp)]
+        return L.TileDescription(list(self.tile), self.stages, warps, math, 80, 1024)
+
+
+# The int8 configuration CUTLASS's own library generator lists first for Ampere tensor ops; one
+# variant keeps the CPU compile check short (the tensor-core DGQ kernel covers M <= 64 anyway).
+SM80_VARIANTS = (Sm80Variant((128, 128, 64), (64, 64, 64), 4),)
+
+SM80_INSTANCE = """#include "dgq_gemm_sm80.cuh"
+
+using {config} = dgq::sm80::ScaledGemm<cutlass::gemm::GemmShape<{tm}, {tn}, {tk}>,
+                                       cutlass::gemm::GemmShape<{wm}, {wn}, {wk}>, {stages}, {out_type}>;
+
+extern "C" int dgq_gemm_{symbol}(const int8_t* x, const int8_t* w, const float* s_x, const void* s1,
+                                 void* out, int m, int n, int k, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream) {{
+  return dgq::sm80::run_gemm<{config}>(x, w, s_x, s1, out, m, n, k, workspace, workspace_bytes, stream);
+}}
+extern "C" size_t dgq_gemm_{symbol}_workspace(int m, int n, int k) {{
+  return dgq::sm80::gemm_workspace<{config}>(m, n, k);
+}}
+"""
+
+
+def emit_sm80_variant(variant: Sm80Variant, out: str) -> str:
+    tile = variant.description()
+    warp = [t // w for t, w in zip(tile.threadblock_shape, tile.warp_count)]
+    (tm, tn, tk), (wm, wn, wk) = tile.threadblock_shape, warp
+    out_type = L.DataTypeTag[L.DataType.f16 if out == "f16" else L.DataType.bf16]
+    return SM80_INSTANCE.format(config=f"Config_{variant.name}_{out}", symbol=f"{variant.name}_{out}",
+                                tm=tm, tn=tn, tk=tk, wm=wm, wn=wn, wk=wk, stages=tile.stages, out_type=out_type)
+
+
+def generate(out_dir: Path, arch: str = "sm_90a") -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    sm90 = arch.startswith("sm_90")
     table = []
-    for variant in VARIANTS:
+    for variant in VARIANTS if sm90 else SM80_VARIANTS:
         for out in OUT_TYPES:
-            (out_dir / f"gemm_{variant.name}_{out}.cu").write_text(emit_variant(variant, out))
+            source = emit_variant(variant, out) if sm90 else emit_sm80_variant(variant, out)
+            (out_dir / f"gemm_{variant.name}_{out}.cu").write_text(source)
         table.append({"name": variant.name, **asdict(variant)})
     (out_dir / "variants.json").write_text(json.dumps(table, indent=1))
     return table
 
 
 if __name__ == "__main__":
-    generate(Path(sys.argv[1]))
+    generate(Path(sys.argv[1]), *sys.argv[2:3])

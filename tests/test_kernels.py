@@ -37,16 +37,17 @@ def test_imad_xor_conversion_is_exact_for_every_valid_code():
     assert torch.equal(as_int8, s.unsqueeze(1) * (lanes - z.unsqueeze(1)))
 
 
-def test_generator_emits_every_variant_with_the_scale_epilogue(tmp_path):
+@pytest.mark.parametrize("arch,marker,variants", [("sm_90a", "Sm90ColBroadcast", 3), ("sm_80", "dgq::sm80::ScaledGemm", 1)])
+def test_generator_emits_every_variant_with_the_scale_epilogue(tmp_path, arch, marker, variants):
     pytest.importorskip("cutlass_library")
     from dgqtool.kernels import build
 
-    table = build._generate(build.source_dir(), tmp_path)
+    table = build._generate(build.source_dir(), tmp_path, arch)
     files = sorted(tmp_path.glob("gemm_*.cu"))
-    assert len(table) >= 3 and len(files) == 2 * len(table)  # fp16 and bf16 outputs
+    assert len(table) >= variants and len(files) == 2 * len(table)  # fp16 and bf16 outputs
     for path in files:
         text = path.read_text()
-        assert "Sm90ColBroadcast" in text and "Sm90RowBroadcast" in text and "IGMMA" not in text
+        assert marker in text and "IGMMA" not in text
         assert "extern \"C\" int dgq_gemm_" in text
 
 
@@ -62,6 +63,7 @@ def test_kernel_library_compiles(arch):
     assert "dgq_gemv_f16" in symbols and "dgq_unpack_s8" in symbols and "dgq_quantize_rows_bf16" in symbols
     assert "dgq_mma_bf16" in symbols
     assert ("dgq_gemm_co_128x256x128_c2x1_bf16" in symbols) == (arch == "sm_90a")
+    assert ("dgq_gemm_a_128x128x64_s4_bf16" in symbols) == (arch == "sm_80")
 
 
 # ---------------------------------------------------------------- GPU: bit-exact against the reference
@@ -199,6 +201,27 @@ def test_every_cutlass_variant_is_bit_exact(out_dtype):
             for variant in lib.gemm_variants:
                 out = runtime.int8_gemm(lib, x_q, s_x, w_s8, s1, out_dtype, variant)
                 assert torch.equal(out, ref), (variant, m, n, k)
+
+
+@gpu
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_ampere_build_is_bit_exact(out_dtype):
+    """The sm_80 library (on a Hopper GPU it runs through its PTX): the emitted 2.x GEMM with the
+    visitor-tree epilogue, and the whole dispatched linear, against the reference."""
+    from dgqtool.kernels import runtime
+
+    lib = runtime.library_for_arch("sm_80")
+    assert lib is not None and lib.gemm_variants
+    for n, k, group in [(576, 576, 64), (4096, 4096, 128), (1536, 576, 64)]:
+        w, qweight, s2, zero, s1 = _weight(n, k, group)
+        w_s8 = runtime.unpack_s8(lib, qweight, s2, zero, group)
+        for m in (1, 17, 200, 1024):
+            x = torch.randn(m, k, device="cuda", dtype=out_dtype)
+            x_q, s_x = quantize_per_token(x)
+            ref = dual_scale_gemm(x_q, s_x, w_s8, s1, out_dtype)
+            assert torch.equal(runtime.dgq_linear(lib, x, qweight, s2, zero, s1, group), ref), (m, n, k)
+            for variant in lib.gemm_variants:
+                assert torch.equal(runtime.int8_gemm(lib, x_q, s_x, w_s8, s1, out_dtype, variant), ref), (variant, m)
 
 
 @gpu

@@ -74,6 +74,14 @@ class Context:
     def stage_dir(self, stage: str) -> Path:
         return self.work / stage
 
+    def finished(self, stage: str, options: dict, inputs: dict[str, str]) -> dict | None:
+        """The stage's manifest when a previous run already produced it from these options and
+        inputs (and --force is off), else None."""
+        if self.force or not is_finished(self.stage_dir(stage), stage, options, inputs):
+            return None
+        self.reporter.info(f"{stage}: up to date, skipped")
+        return read_manifest(self.stage_dir(stage), stage)
+
 
 # ----------------------------------------------------------------------------------- calibrate
 
@@ -107,9 +115,8 @@ def calibrate(ctx: Context, model_spec: str) -> dict:
     r = ctx.recipe
     options = {"model": model_spec, **r.subset(CALIBRATE_OPTIONS)}
     stage_dir = ctx.stage_dir("calibrate")
-    if not ctx.force and is_finished(stage_dir, "calibrate", options, {}):
-        ctx.reporter.info("calibrate: up to date, skipped")
-        return read_manifest(stage_dir, "calibrate")
+    if (done := ctx.finished("calibrate", options, {})) is not None:
+        return done
     usage = Usage()
     model, tokenizer, source = load_model(model_spec, r.dtype, r.trust_remote_code)
     adapter = adapter_for(model.config.model_type)
@@ -146,9 +153,8 @@ def smooth(ctx: Context) -> dict:
     inputs = {"calibrate": calib["fingerprint"]}
     options = r.subset(SMOOTH_OPTIONS)
     stage_dir = ctx.stage_dir("smooth")
-    if not ctx.force and is_finished(stage_dir, "smooth", options, inputs):
-        ctx.reporter.info("smooth: up to date, skipped")
-        return read_manifest(stage_dir, "smooth")
+    if (done := ctx.finished("smooth", options, inputs)) is not None:
+        return done
     usage = Usage()
     stats = read_tensors(ctx.stage_dir("calibrate") / "stats.safetensors", calib["outputs"]["stats.safetensors"])
     out: dict[str, torch.Tensor] = {}
@@ -309,9 +315,8 @@ def search(ctx: Context) -> dict:
     inputs = {"calibrate": calib["fingerprint"], "smooth": smooth_manifest["fingerprint"]}
     options = r.subset(SEARCH_OPTIONS)
     stage_dir = ctx.stage_dir("search")
-    if not ctx.force and is_finished(stage_dir, "search", options, inputs):
-        ctx.reporter.info("search: up to date, skipped")
-        return read_manifest(stage_dir, "search")
+    if (done := ctx.finished("search", options, inputs)) is not None:
+        return done
     usage = Usage()
     model, _, adapter, scales, calib, _ = _smoothed_model(ctx)
     check_group_size(model, adapter, r.group)

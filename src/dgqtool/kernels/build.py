@@ -56,7 +56,9 @@ def _nvcc() -> str:
 
 
 def uses_cutlass(arch: str) -> bool:
-    return arch.startswith("sm_90")
+    """sm_80 and newer get emitted CUTLASS GEMMs (2.x multistage on Ampere/Ada, 3.x TMA on Hopper)."""
+    digits = "".join(ch for ch in arch.removeprefix("sm_") if ch.isdigit())
+    return digits.isdigit() and int(digits) >= 80
 
 
 def _fingerprint(arch: str, src: Path, nvcc: str) -> str:
@@ -75,12 +77,12 @@ def library_path(arch: str) -> Path:
     return cache_root() / f"{arch}-{_fingerprint(arch, source_dir(), nvcc)}" / LIBRARY_NAME
 
 
-def _generate(src: Path, out: Path) -> list[dict]:
+def _generate(src: Path, out: Path, arch: str) -> list[dict]:
     spec = importlib.util.spec_from_file_location("dgq_kernel_generate", src / "generate.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module.generate(out)
+    return module.generate(out, arch)
 
 
 def build(arch: str, jobs: int | None = None, log=print) -> Path:
@@ -95,7 +97,7 @@ def build(arch: str, jobs: int | None = None, log=print) -> Path:
         units = [src / HAND_WRITTEN]
         includes = [f"-I{src}"]
         if uses_cutlass(arch):
-            _generate(src, work)
+            _generate(src, work, arch)
             units += sorted(work.glob("gemm_*.cu"))
             cutlass = _cutlass_source()
             includes += [f"-I{cutlass / 'include'}", f"-I{cutlass / 'tools' / 'util' / 'include'}"]

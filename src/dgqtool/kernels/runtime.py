@@ -6,7 +6,8 @@ Dispatch of one DGQ linear on a CUDA tensor:
   * small and mid M: the fused tensor-core kernel converts the codes in registers into mma.sync's
     A operand (no int8 weight ever reaches memory);
   * large M: the codes are expanded to the exact int8 weight (IMAD + XOR per 4 weights), then the
-    CUTLASS-emitted sm90 GEMM with the s_x x s1 epilogue runs; on other archs torch's int8 GEMM.
+    CUTLASS-emitted GEMM with the s_x x s1 epilogue runs (sm90: TMA warp-specialized; sm80+:
+    multistage with the 2.x visitor tree).
 The path and its tile configuration per (M bucket, N, K) come from kernels/tuned_sm90.json
 (scripts/bench_gemm.py --tune), with the defaults below for shapes it does not list.
 Every path computes the same integers as the torch reference, and the same fp32 epilogue order.
@@ -83,7 +84,8 @@ def _bucket(m: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _library(arch: str) -> KernelLibrary | None:
+def library_for_arch(arch: str) -> KernelLibrary | None:
+    """The library built for `arch` (an Ampere build also runs on Hopper, through its PTX)."""
     try:
         return KernelLibrary(build.build(arch, log=lambda _msg: None), arch)
     except (DGQError, OSError) as exc:
@@ -102,7 +104,7 @@ def library(device: torch.device) -> KernelLibrary | None:
     """The kernel library for a CUDA device (sm_80 or newer), built on first use; None if unavailable."""
     if torch.cuda.get_device_capability(device) < (8, 0):
         return None
-    return _library(arch_of(device))
+    return library_for_arch(arch_of(device))
 
 
 def _stream(device: torch.device):
@@ -135,6 +137,8 @@ def gemm_variant(lib: KernelLibrary, m: int, n: int, k: int) -> str:
     choice = lib.tuned.get(f"{bucket},{n},{k}")
     if choice in lib.gemm_variants:
         return choice
+    if not lib.arch.startswith("sm_90"):
+        return lib.gemm_variants[0]
     if bucket <= 256:
         return "pi_128x128x128_c1x1"
     return "co_128x256x128_c2x1" if n >= k else "co_256x128x128_c1x1"
@@ -146,7 +150,7 @@ def _workspace_bytes(lib: KernelLibrary, name: str, m: int, n: int, k: int) -> i
 
 
 def int8_gemm(lib: KernelLibrary, x_q, s_x, w_s8, s1, out_dtype, variant: str | None = None) -> torch.Tensor:
-    """CUTLASS sm90 GEMM: (x_q @ w_s8^T) * s_x * s1 -> out_dtype; x_q (M, K), w_s8 (N, K) int8."""
+    """Emitted CUTLASS GEMM: (x_q @ w_s8^T) * s_x * s1 -> out_dtype; x_q (M, K), w_s8 (N, K) int8."""
     m, k = x_q.shape
     n = w_s8.shape[0]
     name = f"dgq_gemm_{variant or gemm_variant(lib, m, n, k)}_{_OUT_SUFFIX[out_dtype]}"

@@ -91,6 +91,19 @@ def _group_delta_error(delta: torch.Tensor, linear: torch.Tensor, quad: torch.Te
     return torch.einsum("okg,kgh,okh->ok", delta, quad, delta) - 2 * (linear * delta).sum(-1)
 
 
+class _RunningArgmin:
+    """Elementwise running minimum of an error over candidates, with the values that reached it."""
+
+    def __init__(self, *initial: torch.Tensor):
+        self.error = torch.full(initial[0].shape, float("inf"), device=initial[0].device)
+        self.values = initial
+
+    def update(self, error: torch.Tensor, *candidate: torch.Tensor) -> None:
+        better = error < self.error
+        self.error = torch.where(better, error, self.error)
+        self.values = tuple(torch.where(better, c, v) for c, v in zip(candidate, self.values))
+
+
 @contextmanager
 def _tf32():
     """TF32 tensor cores for the one large matmul; exact enough since its operand is delta."""
@@ -118,18 +131,12 @@ def search_group_scales(
     group's output error over the clipping grid. Returns float (o, n_g) scales and zeros."""
     wg, linear, quad = _group_blocks(w, moments, group, objective)
     w_min, w_max = wg.amin(-1), wg.amax(-1)
-    best_err = torch.full(w_min.shape, float("inf"), device=w.device)
-    best_scale = torch.zeros_like(w_min)
-    best_zero = torch.zeros_like(w_min)
+    best = _RunningArgmin(torch.zeros_like(w_min), torch.zeros_like(w_min))
     for alpha in grid.tolist():
         scale, zero = asym_params(w_min, w_max, alpha, bits=4)
         delta = fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits=4) - wg
-        err = _group_delta_error(delta, linear, quad)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+        best.update(_group_delta_error(delta, linear, quad), scale, zero)
+    return best.values
 
 
 def _channel_scales(w: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -162,16 +169,13 @@ def search_channel_scales(
     linear = w @ (cross - quad)
     o, h = w.shape
     chunk = max(1, PHASE2_CHUNK_ELEMENTS // (o * h))
-    best_err = torch.full((o,), float("inf"), device=w.device)
-    best_s1 = torch.zeros(o, device=w.device)
+    best = _RunningArgmin(torch.zeros(o, device=w.device))
     for start in range(0, len(grid), chunk):
         s1 = _channel_scales(w, grid[start : start + chunk].to(w.device))
         err = _delta_error(_dual_grained_weights(w, group_scale, zero, s1) - w, linear, quad)
         err_min, idx = err.min(0)
-        better = err_min < best_err
-        best_err = torch.where(better, err_min, best_err)
-        best_s1 = torch.where(better, s1.gather(0, idx.unsqueeze(0)).squeeze(0), best_s1)
-    return best_s1
+        best.update(err_min, s1.gather(0, idx.unsqueeze(0)).squeeze(0))
+    return best.values[0]
 
 
 def refine_group_integers(
@@ -188,19 +192,14 @@ def refine_group_integers(
     the pair with the lowest group output error (Eq. 3's blocks). Returns float S2 and zeros (o, n_g)."""
     wg, linear, quad = _group_blocks(w, moments, group, objective)
     ratio = group_scale / s1.unsqueeze(-1)
-    best_err = torch.full(zero.shape, float("inf"), device=w.device)
-    best_s2, best_zero = split_scales(group_scale, s1), zero
+    best = _RunningArgmin(split_scales(group_scale, s1), zero)
     for s2 in (torch.floor(ratio).clamp(1, INT8_MAX), torch.ceil(ratio).clamp(1, INT8_MAX)):
         for shift in (-1, 0, 1):
             z = (zero + shift).clamp(0, 15)
             codes = dual_grained_codes(w, z, s2, s1)
             delta = (codes - z.unsqueeze(-1)) * (s2 * s1.unsqueeze(-1)).unsqueeze(-1) - wg
-            err = _group_delta_error(delta, linear, quad)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s2 = torch.where(better, s2, best_s2)
-            best_zero = torch.where(better, z, best_zero)
-    return best_s2, best_zero
+            best.update(_group_delta_error(delta, linear, quad), s2, z)
+    return best.values
 
 
 def _group_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> GroupWeight:
