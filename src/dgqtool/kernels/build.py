@@ -102,7 +102,7 @@ def build(arch: str, jobs: int | None = None, log=print) -> Path:
             cutlass = _cutlass_source()
             includes += [f"-I{cutlass / 'include'}", f"-I{cutlass / 'tools' / 'util' / 'include'}"]
         flags = ["-std=c++17", "-O3", f"-arch={arch}", "--expt-relaxed-constexpr", "-DNDEBUG",
-                 "-Xcompiler", "-fPIC", *includes]
+                 f"-DDGQ_PDL={int(arch.startswith('sm_90'))}", "-Xcompiler", "-fPIC", *includes]
 
         def compile_unit(unit: Path) -> Path:
             obj = work / (unit.stem + ".o")
