@@ -12,6 +12,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/default_gemm_universal_with_visitor.h"
 #include "cutlass/epilogue/threadblock/fusion/visitors.hpp"
+#include "dgq_gemm_launch.cuh"
 
 namespace dgq::sm80 {
 
@@ -66,17 +67,11 @@ size_t gemm_workspace(int m, int n, int k) {
   return Config::Gemm::get_workspace_size(gemm_arguments<Config>(nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k));
 }
 
-// 0 on success; 1 shape not supported by this variant; 2 workspace too small; 3 launch failure.
 template <class Config>
 int run_gemm(const int8_t* x, const int8_t* w, const float* s_x, const void* s1, void* out, int m, int n, int k,
              void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  using Gemm = typename Config::Gemm;
-  auto args = gemm_arguments<Config>(x, w, s_x, s1, out, m, n, k);
-  Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
-  if (Gemm::get_workspace_size(args) > workspace_bytes) return 2;
-  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 3;
-  return gemm.run(stream) == cutlass::Status::kSuccess ? 0 : 3;
+  return launch_gemm<typename Config::Gemm>(gemm_arguments<Config>(x, w, s_x, s1, out, m, n, k), workspace,
+                                            workspace_bytes, stream);
 }
 
 }  // namespace dgq::sm80

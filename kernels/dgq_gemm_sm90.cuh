@@ -11,6 +11,7 @@
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "dgq_gemm_launch.cuh"
 
 namespace dgq {
 
@@ -52,16 +53,10 @@ size_t gemm_workspace(int m, int n, int k) {
   return Gemm::get_workspace_size(args);
 }
 
-// 0 on success; 1 shape not supported by this variant; 2 workspace too small; 3 launch failure.
 template <class Gemm>
 int run_gemm(const int8_t* x, const int8_t* w, const float* s_x, const void* s1, void* out, int m, int n,
              int k, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  auto args = gemm_arguments<Gemm>(x, w, s_x, s1, out, m, n, k);
-  Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
-  if (Gemm::get_workspace_size(args) > workspace_bytes) return 2;
-  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return 3;
-  return gemm.run(stream) == cutlass::Status::kSuccess ? 0 : 3;
+  return launch_gemm<Gemm>(gemm_arguments<Gemm>(x, w, s_x, s1, out, m, n, k), workspace, workspace_bytes, stream);
 }
 
 }  // namespace dgq

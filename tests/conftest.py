@@ -91,3 +91,13 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_opt(tmp_path_factory) -> Path:
     return build_tiny("opt", tmp_path_factory.mktemp("tiny-opt"))
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_opt"])
+def tiny_model(request):
+    """Each tiny architecture, freshly loaded (tests may modify it), with its adapter."""
+    from dgqtool.models.adapters import adapter_for
+    from dgqtool.models.load import load_model
+
+    model, _, _ = load_model(str(request.getfixturevalue(request.param)))
+    return model, adapter_for(model.config.model_type)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from dgqtool.calib.capture import run_layers
-from dgqtool.models.adapters import adapter_for, decoder_layers
-from dgqtool.models.load import load_model
+from dgqtool.models.adapters import decoder_layers
 
 
 class RecordInputs:
@@ -24,10 +22,8 @@ class RecordInputs:
         return False
 
 
-@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_opt"])
-def test_layer_inputs_match_the_full_forward(kind, request):
-    model, _, _ = load_model(str(request.getfixturevalue(kind)))
-    adapter = adapter_for(model.config.model_type)
+def test_layer_inputs_match_the_full_forward(tiny_model):
+    model, adapter = tiny_model
     tokens = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(input_ids=tokens, output_hidden_states=True).hidden_states

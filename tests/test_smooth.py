@@ -1,10 +1,8 @@
 """Smoothing: the percentile rule of Eq. 7 and exact output preservation on real architectures."""
 
-import pytest
 import torch
 
-from dgqtool.models.adapters import adapter_for, can_fold, decoder_layers
-from dgqtool.models.load import load_model
+from dgqtool.models.adapters import can_fold, decoder_layers
 from dgqtool.pipeline import apply_smoothing, input_key
 from dgqtool.quant.smooth import percentile_scales, smoothquant_scales
 
@@ -26,10 +24,8 @@ def test_smoothquant_scales_balance_activation_and_weight():
     torch.testing.assert_close(act / k, weight * k)
 
 
-@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_opt"])
-def test_smoothing_leaves_the_fp32_output_unchanged(kind, request):
-    model, _, _ = load_model(str(request.getfixturevalue(kind)))
-    adapter = adapter_for(model.config.model_type)
+def test_smoothing_leaves_the_fp32_output_unchanged(tiny_model):
+    model, adapter = tiny_model
     tokens = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(input_ids=tokens).logits
