@@ -110,3 +110,17 @@ def test_nibble_pack_round_trip_and_layout():
     assert packed.shape == (5, 6)
     assert torch.equal(unpack_nibbles(packed), codes)
     assert int(packed[0, 0]) == int(codes[0, 0]) | (int(codes[0, 1]) << 4)
+
+
+@pytest.mark.parametrize("k", [1000, 1023, 3000])
+def test_cpu_int8_matmul_is_exact_at_the_extremes(k):
+    """The CPU path multiplies in fp32 below K = 1024 and fp64 above: all-(-128) operands make every
+    partial sum as large as it can be (K * 2^14); random ones exercise ordinary sums."""
+    from dgqtool.gemm import int8_matmul
+
+    gen = torch.Generator().manual_seed(k)
+    x = torch.cat([torch.full((1, k), -128, dtype=torch.int8), torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=gen)])
+    w = torch.cat([torch.full((1, k), -128, dtype=torch.int8), torch.randint(-128, 128, (7, k), dtype=torch.int8, generator=gen)])
+    expected = (x.long() @ w.long().T).to(torch.int32)
+    got = int8_matmul(x, w)
+    assert got.dtype == torch.int32 and torch.equal(got, expected) and int(got[0, 0]) == k * 2**14
