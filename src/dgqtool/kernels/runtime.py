@@ -193,10 +193,10 @@ def choose_path(lib: KernelLibrary, m: int, n: int, k: int) -> tuple[str, tuple[
 
 def dgq_linear(lib: KernelLibrary, x: torch.Tensor, qweight, s2, zero, s1, group: int,
                static_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One DGQ linear without bias: x (M, K) fp16/bf16 -> (M, N) in x's dtype."""
+    """One DGQ linear without bias: x (M, K) fp16/bf16 -> (M, N) in x's dtype; group % 32 == 0."""
     x_q, s_x = quantize_rows(lib, x, static_scale)
     m, k = x_q.shape
-    path, config = choose_path(lib, m, qweight.shape[0], k) if group % 32 == 0 else ("gemm", None)
+    path, config = choose_path(lib, m, qweight.shape[0], k)
     if path == "gemv" and m <= GEMV_MAX_ROWS:
         return gemv(lib, x_q, s_x, qweight, s2, zero, s1, group, x.dtype)
     if path == "mma":
