@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Quantize one model with several recipes and score each on WikiText-2 (GPTQ protocol).
+"""Quantize one model with several recipes and score each on perplexity (GPTQ protocol) and
+zero-shot tasks.
 
     python scripts/reproduce_table.py smollm2-135m --group 64 --out results/smollm2
 
 Every row runs `dgq quantize` then `dgq eval` as subprocesses, exactly as a user would; the FP
-row evaluates the original model. Writes RESULTS.json and RESULTS.md in --out.
+row evaluates the original model. Writes RESULTS.json and RESULTS.md in --out (ppl, or acc_norm
+where lm-eval reports it and acc otherwise).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from dgqtool.eval.runner import headline
+
+FP_ROW = "FP (original)"
 # name -> extra `dgq quantize` flags
 ROWS: dict[str, list[str]] = {
     "W4A8 RTN (g, fp16 scales, no smoothing)": ["--method", "rtn", "--smooth", "none"],
@@ -51,15 +56,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--rows", nargs="*", help="subset of row names (substring match)")
     parser.add_argument("--tasks", nargs="*", default=["wikitext2"])
-    parser.add_argument("--limit", help="windows per task (default: all)")
+    parser.add_argument("--limit", help="windows / items per task (default: all)")
+    parser.add_argument("--batch-size", default="1", help="windows / lm-eval requests per forward")
     parser.add_argument("--quantize-args", default="", help="extra flags for every `dgq quantize`")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     common = [f for t in args.tasks for f in ("--task", t)] + (["--limit", args.limit] if args.limit else [])
-    table = {"FP (original)": evaluate(args.model, args.out, "fp", common)}
+    common += ["--batch-size", args.batch_size]
+    selected = lambda name: not args.rows or any(r in name for r in args.rows)
+    table = {FP_ROW: evaluate(args.model, args.out, "fp", common)} if selected(FP_ROW) else {}
     timings: dict[str, float] = {}
     for index, (name, flags) in enumerate(ROWS.items()):
-        if args.rows and not any(r in name for r in args.rows):
+        if not selected(name):
             continue
         ckpt = args.out / f"row{index}"
         start = time.time()
@@ -70,11 +78,15 @@ def main() -> None:
         write_results(args.out, args.tasks, table, timings)  # after every row: partial runs keep their numbers
 
 
+def _cell(metric: str, value: float) -> str:
+    return f"{value:.2f}" if metric == "ppl" else f"{value:.3f}"
+
+
 def write_results(out: Path, tasks: list[str], table: dict, timings: dict) -> None:
     (out / "RESULTS.json").write_text(json.dumps({"ppl": table, "quantize_seconds": timings}, indent=2))
     lines = ["| method | " + " | ".join(tasks) + " | quantize s |", "|---" * (len(tasks) + 2) + "|"]
     for name, scores in table.items():
-        cells = " | ".join(f"{scores[t]['ppl']:.2f}" for t in tasks)
+        cells = " | ".join(_cell(*headline(scores[t])) for t in tasks)
         lines.append(f"| {name} | {cells} | {timings.get(name, 0):.0f} |")
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

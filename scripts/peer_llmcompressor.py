@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""llm-compressor's W4A8 recipes on the same model, calibration tokens and eval windows as `dgq`.
+
+    pip install llmcompressor          # optional extra, pins its own transformers range
+    python scripts/peer_llmcompressor.py smollm2-135m --group 64 --out results/peers \
+        --tasks wikitext2 ptb piqa arc_easy
+
+Each recipe runs llm-compressor's `oneshot` on a fresh copy of the float model with the exact
+calibration windows `dgq calibrate` draws (same text, seed, count and length), then scores the
+in-memory result with dgqtool's own evaluators: compressed-tensors applies the 4-bit weights and the
+per-token int8 activations as fake quantization in the forward pass. Writes PEERS.json and PEERS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dgqtool.calib.data import calibration_tokens
+from dgqtool.data import data_dir
+from dgqtool.eval.data import PPL_TASKS, ppl_windows
+from dgqtool.eval.ppl import perplexity
+from dgqtool.eval.runner import headline
+from dgqtool.models.load import load_model
+
+
+def w4a8_scheme(group: int, symmetric: bool) -> dict:
+    """The shape of compressed-tensors' W4A8 preset at our group size: 4-bit group weights,
+    int8 per-token dynamic symmetric activations."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    return {"group_0": QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group),
+        input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True),
+    )}
+
+
+def recipes(group: int, smoothing_strength: float) -> dict[str, list]:
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+    def gptq(symmetric: bool) -> GPTQModifier:
+        return GPTQModifier(config_groups=w4a8_scheme(group, symmetric), ignore=["lm_head"])
+
+    def smooth() -> SmoothQuantModifier:
+        return SmoothQuantModifier(smoothing_strength=smoothing_strength)
+
+    return {
+        "llm-compressor GPTQ, symmetric": [gptq(True)],
+        "llm-compressor GPTQ, asymmetric": [gptq(False)],
+        "llm-compressor SmoothQuant + GPTQ, symmetric": [smooth(), gptq(True)],
+        "llm-compressor SmoothQuant + GPTQ, asymmetric": [smooth(), gptq(False)],
+    }
+
+
+def score(model, tokenizer, tasks: list[str], args, device: str) -> dict:
+    results = {}
+    for task in (t for t in tasks if t in PPL_TASKS):
+        windows = ppl_windows(task, tokenizer, args.seqlen, args.data_dir, args.limit)
+        ppl = perplexity(model, windows, args.batch_size, device)
+        results[task] = {"ppl": ppl.ppl, "windows": ppl.windows, "seqlen": ppl.seqlen}
+    zero_shot_tasks = [t for t in tasks if t not in PPL_TASKS]
+    if zero_shot_tasks:
+        from dgqtool.eval.zeroshot import zero_shot
+
+        results.update(zero_shot(model, tokenizer, zero_shot_tasks, limit=args.limit, batch_size=args.batch_size,
+                                 data_dir=args.data_dir))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("results/peers"))
+    parser.add_argument("--tasks", nargs="+", default=["wikitext2"])
+    parser.add_argument("--recipes", nargs="*", help="subset of recipe names (substring match)")
+    parser.add_argument("--calib-data", default="ptb")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoothing-strength", type=float, default=0.8, help="llm-compressor's default")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--limit", type=int, help="windows / items per task (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+    local = data_dir(args.data_dir)
+    args.data_dir = str(local) if local else None
+
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    _, tokenizer, _ = load_model(args.model, args.dtype)
+    tokens = calibration_tokens(tokenizer, args.calib_data, args.nsamples, args.seqlen, args.seed, args.data_dir)
+    calibration = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+
+    table: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
+    for name, modifiers in recipes(args.group, args.smoothing_strength).items():
+        if args.recipes and not any(r in name for r in args.recipes):
+            continue
+        model, _, _ = load_model(args.model, args.dtype)
+        model = model.to(device)
+        start = time.time()
+        oneshot(model=model, dataset=calibration, recipe=modifiers, max_seq_length=args.seqlen,
+                num_calibration_samples=args.nsamples)
+        seconds[name] = time.time() - start
+        table[name] = score(model, tokenizer, args.tasks, args, device)
+        print(name, {t: headline(r) for t, r in table[name].items()}, flush=True)
+        write_results(args.out, args, table, seconds)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def write_results(out: Path, args, table: dict, seconds: dict) -> None:
+    settings = {k: getattr(args, k) for k in ("model", "group", "calib_data", "nsamples", "seqlen", "seed",
+                                              "smoothing_strength", "dtype", "limit")}
+    (out / "PEERS.json").write_text(json.dumps({"settings": settings, "results": table, "oneshot_seconds": seconds},
+                                               indent=2))
+    lines = ["| recipe | " + " | ".join(args.tasks) + " | oneshot s |", "|---" * (len(args.tasks) + 2) + "|"]
+    for name, scores in table.items():
+        cells = " | ".join(f"{headline(scores[t])[1]:.4g}" for t in args.tasks)
+        lines.append(f"| {name} | {cells} | {seconds[name]:.0f} |")
+    (out / "PEERS.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
