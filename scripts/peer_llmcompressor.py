@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """llm-compressor's W4A8 recipes on the same model, calibration tokens and eval windows as `dgq`.
 
-    pip install llmcompressor          # optional extra, pins its own transformers range
+    pip install "dgqtool[peers]"       # llm-compressor; it pins its own transformers range
     python scripts/peer_llmcompressor.py smollm2-135m --group 64 --out results/peers \
         --tasks wikitext2 ptb piqa arc_easy
 

@@ -34,6 +34,10 @@ ROWS: dict[str, list[str]] = {
     "DGQ + phase-3 refinement (ours)": ["--method", "dgq", "--refine"],
     "DGQ static + phase-3 refinement": ["--method", "dgq", "--act", "static", "--refine"],
     "DGQ, 32 calibration samples": ["--method", "dgq", "--nsamples", "32"],
+    "DGQ + GPTQ codes (ours)": ["--method", "dgq", "--gptq"],
+    "DGQ static + GPTQ codes": ["--method", "dgq", "--act", "static", "--gptq"],
+    "group-wise, fp16 scales + GPTQ codes": ["--method", "groupwise", "--gptq"],
+    "DGQ, no smoothing + GPTQ codes": ["--method", "dgq", "--smooth", "none", "--gptq"],
 }
 
 

@@ -107,6 +107,16 @@ def test_baseline_methods_pack_and_verify(method, module_type, tiny_llama, corpu
     assert isinstance(model.model.layers[1].mlp.up_proj, module_type)
 
 
+def test_gptq_lowers_the_searched_errors(tiny_llama, corpus_file, tmp_path):
+    total = {}
+    for name, flag in (("plain", "--no-gptq"), ("gptq", "--gptq")):
+        result = quantize(tiny_llama, tmp_path / name, corpus_file, flag, "--no-verify")
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((tmp_path / f"{name}.work" / "search" / "manifest.json").read_text())
+        total[name] = sum(row["searched"] for row in manifest["errors"])
+    assert total["gptq"] < 0.9 * total["plain"]
+
+
 def test_stage_by_stage_on_opt(tiny_opt, corpus_file, tmp_path):
     work, out = tmp_path / "work", tmp_path / "opt-dgq"
     steps = [
@@ -224,3 +234,13 @@ def test_verify_fails_on_a_tampered_checkpoint(llama_ckpt, tmp_path):
 
 def test_verify_rejects_a_non_checkpoint(tiny_llama):
     assert_clean_error(dgq("verify", tiny_llama), "not a dgq checkpoint", code=3)
+
+
+def test_shipped_configs_load():
+    from dgqtool.recipe import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    recipes = {path.stem: load_config(str(path)) for path in configs}
+    assert recipes["smollm2-g64-gptq"].gptq and recipes["smollm2-g64-gptq"].group == 64
+    assert not recipes["smollm2-g64"].gptq

@@ -69,6 +69,7 @@ Act = Annotated[Optional[str], typer.Option("--act", help="Activation quantizati
 Grid1 = Annotated[Optional[int], typer.Option("--grid1", help="Phase-1 (group) clipping grid points [20].")]
 Grid2 = Annotated[Optional[int], typer.Option("--grid2", help="Phase-2 (channel) clipping grid points [GPU 80, CPU 20].")]
 Refine = Annotated[Optional[bool], typer.Option("--refine/--no-refine", help="DGQ phase 3 (ours): per-group floor/ceil of S2 and zp +-1 [off].")]
+Gptq = Annotated[Optional[bool], typer.Option("--gptq/--no-gptq", help="Assign codes on the searched grid by GPTQ error feedback [off].")]
 Objective = Annotated[Optional[str], typer.Option("--objective", help="Search error on xhat (paper, int8 activations) or x (authors' code) [xhat].")]
 
 
@@ -153,13 +154,15 @@ def smooth(
 def search(
     work: Work = Path("dgq-work"), config: Config = None, force: Force = False, device: Device = None,
     method: Method = None, group: Group = None, act: Act = None, grid1: Grid1 = None, grid2: Grid2 = None,
-    objective: Objective = None, refine: Refine = None, batch_size: BatchSize = None, trust_remote_code: Trust = None,
+    objective: Objective = None, refine: Refine = None, gptq: Gptq = None, batch_size: BatchSize = None,
+    trust_remote_code: Trust = None,
 ):
     """Two-phase grid search of the DGQ scales on the smoothed model, one decoder layer at a time."""
     from .pipeline import search as run
 
     run(_context(work, config, force, device=device, method=method, group=group, act=act, grid1=grid1, grid2=grid2,
-                 objective=objective, refine=refine, batch_size=batch_size, trust_remote_code=trust_remote_code))
+                 objective=objective, refine=refine, gptq=gptq, batch_size=batch_size,
+                 trust_remote_code=trust_remote_code))
 
 
 @app.command()
@@ -228,7 +231,7 @@ def quantize(
     seed: Seed = None, dtype: DType = None, batch_size: BatchSize = None, trust_remote_code: Trust = None,
     smooth: Smooth = None, percentile: Percentile = None, alpha: Alpha = None,
     method: Method = None, group: Group = None, act: Act = None, grid1: Grid1 = None, grid2: Grid2 = None,
-    objective: Objective = None, refine: Refine = None,
+    objective: Objective = None, refine: Refine = None, gptq: Gptq = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run `dgq verify` on the result.")] = True,
     export: Annotated[Optional[str], typer.Option("--export", help="Also export to OUTPUT-FORMAT: compressed-tensors | dgq.")] = None,
 ):
@@ -239,7 +242,7 @@ def quantize(
         work or output.with_name(output.name + ".work"), config, force, calibrates=True, device=device, calib_data=calib_data,
         data_dir=data_dir, nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, batch_size=batch_size,
         trust_remote_code=trust_remote_code, smooth=smooth, percentile=percentile, alpha=alpha, method=method,
-        group=group, act=act, grid1=grid1, grid2=grid2, objective=objective, refine=refine,
+        group=group, act=act, grid1=grid1, grid2=grid2, objective=objective, refine=refine, gptq=gptq,
     )
     _emit(pipeline.quantize(ctx, model, output, run_verify=verify, export=export))
 

@@ -292,7 +292,7 @@ class _LayerSearch:
                     linear = layer.get_submodule(name)
                     result: SearchResult = quantize_weight(
                         linear.weight.detach(), moments, method=r.method, group=r.group,
-                        grid1=r.grid1, grid2=r.grid2, objective=r.objective, refine=r.refine,
+                        grid1=r.grid1, grid2=r.grid2, objective=r.objective, refine=r.refine, gptq=r.gptq,
                     )
                     tensors.update(weight_tensors(name, result.weight))
                     if scale is not None:

@@ -45,6 +45,7 @@ class Recipe:
     grid2: int | None = None
     objective: str = "xhat"
     refine: bool = False
+    gptq: bool = False
 
     def with_overrides(self, **values: Any) -> "Recipe":
         """Copy with the options the user actually passed (None means not given)."""
@@ -92,7 +93,7 @@ class Recipe:
 # Options that change each stage's result (and therefore its fingerprint).
 CALIBRATE_OPTIONS = ("calib_data", "nsamples", "seqlen", "seed", "dtype")
 SMOOTH_OPTIONS = ("smooth", "percentile", "alpha")
-SEARCH_OPTIONS = ("method", "group", "act", "grid1", "grid2", "objective", "refine")
+SEARCH_OPTIONS = ("method", "group", "act", "grid1", "grid2", "objective", "refine", "gptq")
 
 
 def load_config(path: str | None) -> Recipe:

@@ -34,6 +34,7 @@ from .dual_grained import (
     make_dual_grained,
     split_scales,
 )
+from .gptq import with_gptq_codes
 from .quantizer import INT8_MAX, alpha_grid, asym_params, fake_quantize, quantize_codes
 
 Objective = Literal["xhat", "x"]
@@ -226,6 +227,7 @@ def quantize_weight(
     grid2: int = 80,
     objective: Objective = "xhat",
     refine: bool = False,
+    gptq: bool = False,
 ) -> SearchResult:
     """Quantize one linear's weight (o, h) with the given method; errors are relative output errors."""
     w = w.float()
@@ -244,6 +246,8 @@ def quantize_weight(
         grid = alpha_grid(1 if method == "rtn" else grid1)
         scale, zero = search_group_scales(w, moments, g, grid, objective)
         result = _group_weight(w, scale, zero, g)
+    if gptq:
+        result = with_gptq_codes(w, result, *moments.objective(objective))
     return SearchResult(
         weight=result,
         error_rtn=relative_error(w, rtn_dg.dequantize(), moments, objective),
