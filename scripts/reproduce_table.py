@@ -38,6 +38,10 @@ ROWS: dict[str, list[str]] = {
     "DGQ static + GPTQ codes": ["--method", "dgq", "--act", "static", "--gptq"],
     "group-wise, fp16 scales + GPTQ codes": ["--method", "groupwise", "--gptq"],
     "DGQ, no smoothing + GPTQ codes": ["--method", "dgq", "--smooth", "none", "--gptq"],
+    "DGQ, smoothing capped (column growth 1)": ["--method", "dgq", "--max-column-growth", "1"],
+    "DGQ, smoothing capped + GPTQ codes": ["--method", "dgq", "--max-column-growth", "1", "--gptq"],
+    "group-wise, smoothing capped": ["--method", "groupwise", "--max-column-growth", "1"],
+    "DGQ static, smoothing capped + GPTQ codes": ["--method", "dgq", "--act", "static", "--max-column-growth", "1", "--gptq"],
 }
 
 

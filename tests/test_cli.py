@@ -244,3 +244,23 @@ def test_shipped_configs_load():
     recipes = {path.stem: load_config(str(path)) for path in configs}
     assert recipes["smollm2-g64-gptq"].gptq and recipes["smollm2-g64-gptq"].group == 64
     assert not recipes["smollm2-g64"].gptq
+    assert recipes["smollm2-g64-capped"].max_column_growth == 1.0
+
+
+def test_capped_smoothing_keeps_every_column_within_the_cap(tiny_llama, corpus_file, tmp_path):
+    work = tmp_path / "w"
+    assert dgq("calibrate", tiny_llama, "-w", work, "--calib-data", corpus_file, *SMALL[:4]).exit_code == 0
+    stats = load_file(work / "calibrate" / "stats.safetensors")
+
+    def smoothing(*flags: str) -> dict[str, torch.Tensor]:
+        result = dgq("smooth", "-w", work, "--percentile", "10", *flags)  # 0.5 % of 64 channels is only the top one
+        assert result.exit_code == 0, result.output
+        return {n: k for n, k in load_file(work / "smooth" / "scales.safetensors").items() if n.endswith(".smooth")}
+
+    free, capped = smoothing(), smoothing("--max-column-growth", "1")
+    assert any(bool((capped[n] < free[n]).any()) for n in free)  # the tiny model's 30x outliers reach the cap
+    for name, k in capped.items():
+        w = stats[name.replace(".smooth", ".weight_absmax")]
+        assert bool((k <= free[name]).all())
+        assert bool(((w * k <= w.max() * (1 + 1e-6)) | (k == 1)).all())
+    assert dgq("smooth", "-w", work, "--max-column-growth", "0").exit_code != 0

@@ -4,7 +4,7 @@ import torch
 
 from dgqtool.models.adapters import can_fold, decoder_layers
 from dgqtool.pipeline import apply_smoothing, input_key
-from dgqtool.quant.smooth import percentile_scales, smoothquant_scales
+from dgqtool.quant.smooth import cap_column_growth, percentile_scales, smoothquant_scales
 
 
 def test_percentile_scales_shrink_only_outliers_to_the_threshold():
@@ -22,6 +22,14 @@ def test_smoothquant_scales_balance_activation_and_weight():
     act, weight = torch.tensor([16.0, 1.0]), torch.tensor([1.0, 4.0])
     k = smoothquant_scales(act, weight, 0.5)
     torch.testing.assert_close(act / k, weight * k)
+
+
+def test_column_growth_cap_by_hand():
+    k = torch.tensor([1.0, 348.0, 10.0, 3.0])
+    weight_absmax = torch.tensor([0.5, 0.1, 0.2, 2.0])  # largest column max: 2.0
+    # growth 1: column j may reach 2.0, so k_j <= 2.0 / w_j = 4, 20, 10, 1
+    assert torch.equal(cap_column_growth(k, weight_absmax, 1.0), torch.tensor([1.0, 20.0, 10.0, 1.0]))
+    assert torch.equal(cap_column_growth(k, weight_absmax, 100.0), k)  # a loose cap changes nothing
 
 
 def test_smoothing_leaves_the_fp32_output_unchanged(tiny_model):

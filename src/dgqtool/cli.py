@@ -63,13 +63,14 @@ Trust = Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allo
 Smooth = Annotated[Optional[str], typer.Option("--smooth", help="percentile | smoothquant | none [percentile].")]
 Percentile = Annotated[Optional[float], typer.Option("--percentile", help="Eq. 7 clipping percentile, in % [0.5].")]
 Alpha = Annotated[Optional[float], typer.Option("--alpha", help="SmoothQuant migration strength [0.5].")]
+Growth = Annotated[Optional[float], typer.Option("--max-column-growth", help="Cap smoothing so no weight column exceeds G x the largest column max before it (default: off).")]
 Method = Annotated[Optional[str], typer.Option("--method", help="dgq | rtn-dg | groupwise | channelwise | rtn [dgq].")]
 Group = Annotated[Optional[int], typer.Option("--group", help="Weight group size [128].")]
 Act = Annotated[Optional[str], typer.Option("--act", help="Activation quantization: dynamic (per token) | static [dynamic].")]
 Grid1 = Annotated[Optional[int], typer.Option("--grid1", help="Phase-1 (group) clipping grid points [20].")]
 Grid2 = Annotated[Optional[int], typer.Option("--grid2", help="Phase-2 (channel) clipping grid points [GPU 80, CPU 20].")]
-Refine = Annotated[Optional[bool], typer.Option("--refine/--no-refine", help="DGQ phase 3 (ours): per-group floor/ceil of S2 and zp +-1 [off].")]
-Gptq = Annotated[Optional[bool], typer.Option("--gptq/--no-gptq", help="Assign codes on the searched grid by GPTQ error feedback [off].")]
+Refine = Annotated[Optional[bool], typer.Option("--refine/--no-refine", help="DGQ phase 3 (ours): per-group floor/ceil of S2 and zp +-1 (default: off).")]
+Gptq = Annotated[Optional[bool], typer.Option("--gptq/--no-gptq", help="Assign codes on the searched grid by GPTQ error feedback (default: off).")]
 Objective = Annotated[Optional[str], typer.Option("--objective", help="Search error on xhat (paper, int8 activations) or x (authors' code) [xhat].")]
 
 
@@ -141,12 +142,13 @@ def calibrate(
 @_handle_errors
 def smooth(
     work: Work = Path("dgq-work"), config: Config = None, force: Force = False,
-    smooth: Smooth = None, percentile: Percentile = None, alpha: Alpha = None,
+    smooth: Smooth = None, percentile: Percentile = None, alpha: Alpha = None, max_column_growth: Growth = None,
 ):
     """Compute smoothing vectors (Eq. 7 percentile clipping or SmoothQuant) from the calibration maxima."""
     from .pipeline import smooth as run
 
-    run(_context(work, config, force, smooth=smooth, percentile=percentile, alpha=alpha))
+    run(_context(work, config, force, smooth=smooth, percentile=percentile, alpha=alpha,
+                 max_column_growth=max_column_growth))
 
 
 @app.command()
@@ -229,7 +231,7 @@ def quantize(
     config: Config = None, force: Force = False, device: Device = None,
     calib_data: CalibData = None, data_dir: DataDir = None, nsamples: NSamples = None, seqlen: SeqLen = None,
     seed: Seed = None, dtype: DType = None, batch_size: BatchSize = None, trust_remote_code: Trust = None,
-    smooth: Smooth = None, percentile: Percentile = None, alpha: Alpha = None,
+    smooth: Smooth = None, percentile: Percentile = None, alpha: Alpha = None, max_column_growth: Growth = None,
     method: Method = None, group: Group = None, act: Act = None, grid1: Grid1 = None, grid2: Grid2 = None,
     objective: Objective = None, refine: Refine = None, gptq: Gptq = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run `dgq verify` on the result.")] = True,
@@ -241,7 +243,8 @@ def quantize(
     ctx = _context(
         work or output.with_name(output.name + ".work"), config, force, calibrates=True, device=device, calib_data=calib_data,
         data_dir=data_dir, nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, batch_size=batch_size,
-        trust_remote_code=trust_remote_code, smooth=smooth, percentile=percentile, alpha=alpha, method=method,
+        trust_remote_code=trust_remote_code, smooth=smooth, percentile=percentile, alpha=alpha,
+        max_column_growth=max_column_growth, method=method,
         group=group, act=act, grid1=grid1, grid2=grid2, objective=objective, refine=refine, gptq=gptq,
     )
     _emit(pipeline.quantize(ctx, model, output, run_verify=verify, export=export))

@@ -39,7 +39,7 @@ from .progress import Reporter
 from .quant.dual_grained import DualGrainedWeight, GroupWeight, QuantizedWeight, pack_nibbles, unpack_nibbles
 from .quant.quantizer import INT8_MAX, fake_quantize_activations
 from .quant.search import SecondMoments, SearchResult, accumulate_moments, quantize_weight
-from .quant.smooth import fold_into_consumer, fold_into_producer, percentile_scales, smoothquant_scales
+from .quant.smooth import cap_column_growth, fold_into_consumer, fold_into_producer, percentile_scales, smoothquant_scales
 from .resources import Usage
 from .recipe import CALIBRATE_OPTIONS, SEARCH_OPTIONS, SMOOTH_OPTIONS, Recipe
 
@@ -166,6 +166,8 @@ def smooth(ctx: Context) -> dict:
             k = percentile_scales(act, r.percentile)
         elif key in calib["foldable"] and r.smooth == "smoothquant":
             k = smoothquant_scales(act, stats[f"{key}.weight_absmax"], r.alpha)
+        if key in calib["foldable"] and r.smooth != "none" and r.max_column_growth is not None:
+            k = cap_column_growth(k, stats[f"{key}.weight_absmax"], r.max_column_growth)
         if key in calib["foldable"] and r.smooth != "none":
             out[f"{key}.smooth"] = k
         out[f"{key}.act_absmax"] = act / k

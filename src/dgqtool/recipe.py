@@ -38,6 +38,7 @@ class Recipe:
     smooth: str = "percentile"
     percentile: float = 0.5
     alpha: float = 0.5
+    max_column_growth: float | None = None
     method: str = "dgq"
     group: int = 128
     act: str = "dynamic"
@@ -85,6 +86,8 @@ class Recipe:
             raise DGQError(f"--percentile must be in (0, 100); got {self.percentile}")
         if not 0 <= self.alpha <= 1:
             raise DGQError(f"--alpha must be in [0, 1]; got {self.alpha}")
+        if self.max_column_growth is not None and not self.max_column_growth > 0:
+            raise DGQError(f"--max-column-growth must be positive; got {self.max_column_growth}")
 
     def subset(self, names: tuple[str, ...]) -> dict[str, Any]:
         return {name: getattr(self, name) for name in names}
@@ -92,7 +95,7 @@ class Recipe:
 
 # Options that change each stage's result (and therefore its fingerprint).
 CALIBRATE_OPTIONS = ("calib_data", "nsamples", "seqlen", "seed", "dtype")
-SMOOTH_OPTIONS = ("smooth", "percentile", "alpha")
+SMOOTH_OPTIONS = ("smooth", "percentile", "alpha", "max_column_growth")
 SEARCH_OPTIONS = ("method", "group", "act", "grid1", "grid2", "objective", "refine", "gptq")
 
 

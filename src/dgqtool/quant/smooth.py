@@ -31,6 +31,14 @@ def smoothquant_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, al
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
 
 
+def cap_column_growth(k: torch.Tensor, weight_absmax: torch.Tensor, growth: float) -> torch.Tensor:
+    """Limit k so that no weight column grows past `growth` times the largest column max before
+    smoothing. DGQ's per-row int8 second level must reach the row's maximum; a column blown up by
+    a large k_j sets that maximum in every row and coarsens all the row's other groups."""
+    limit = growth * weight_absmax.float().max() / weight_absmax.float().clamp(min=1e-8)
+    return torch.minimum(k, limit.clamp(min=1.0))
+
+
 @torch.no_grad()
 def fold_into_producer(weight: torch.Tensor, bias: torch.Tensor | None, k: torch.Tensor) -> None:
     """Divide what produces X by k: a norm's weight (C,) or a linear's output rows (C, h_in)."""
