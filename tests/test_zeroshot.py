@@ -60,6 +60,11 @@ def _write_local_tasks(root):
             for i in range(3)]
     (root / "winogrande" / "dev.jsonl").write_text("\n".join(map(json.dumps, wino)))
     (root / "winogrande" / "dev-labels.lst").write_text("1\n2\n1\n")
+    (root / "hellaswag").mkdir()
+    swag = [{"ind": i, "activity_label": "Rowing", "ctx_a": "the people row the boats .", "ctx_b": "they", "ctx": "",
+             "endings": ["cross the river .", "eat the house .", "see the birds .", "open the road ."],
+             "source_id": "x", "split": "val", "split_type": "indomain", "label": i % 4} for i in range(3)]
+    (root / "hellaswag" / "hellaswag_val.jsonl").write_text("\n".join(map(json.dumps, swag)))
 
 
 def test_eval_command_runs_zero_shot_tasks_on_a_checkpoint(tiny_llama, corpus_file, tmp_path):
@@ -68,10 +73,10 @@ def test_eval_command_runs_zero_shot_tasks_on_a_checkpoint(tiny_llama, corpus_fi
                                "--nsamples", "4", "--seqlen", "64", "--group", "32", "--no-verify"]).exit_code == 0
     _write_local_tasks(tmp_path / "data")
     result = runner.invoke(app, ["--json", "eval", str(ckpt), "--task", "arc_easy", "--task", "boolq", "--task", "winogrande",
-                                 "--data-dir", str(tmp_path / "data")])
+                                 "--task", "hellaswag", "--data-dir", str(tmp_path / "data")])
     assert result.exit_code == 0, result.output
     tasks = json.loads(result.stdout.strip().splitlines()[-1])["tasks"]
-    assert {t: tasks[t]["samples"] for t in tasks} == {"arc_easy": 3, "boolq": 3, "winogrande": 3}
+    assert {t: tasks[t]["samples"] for t in tasks} == {"arc_easy": 3, "boolq": 3, "winogrande": 3, "hellaswag": 3}
     for score in tasks.values():
         assert round(score["acc"] * 3) == pytest.approx(score["acc"] * 3)  # a count of 3 items
     missing = runner.invoke(app, ["eval", str(ckpt), "--task", "piqa", "--data-dir", str(tmp_path / "data")])

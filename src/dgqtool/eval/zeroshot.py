@@ -43,12 +43,19 @@ def _winogrande(rows: list[dict], labels: list[str]) -> list[dict]:
     return [{**r, "answer": r.get("answer") or label} for r, label in zip(rows, labels or [None] * len(rows), strict=True)]
 
 
+def _hellaswag(rows: list[dict], _labels: list[str]) -> list[dict]:
+    # the release's hellaswag_val.jsonl has the hub columns already; the hub stores label as a string
+    return [{"activity_label": r["activity_label"], "ctx_a": r["ctx_a"], "ctx_b": r["ctx_b"], "endings": r["endings"],
+             "label": str(r["label"])} for r in rows]
+
+
 TASKS: dict[str, tuple[str, str, str | None, Converter]] = {
     "piqa": ("piqa/piqa.yaml", "piqa/valid.jsonl", "piqa/valid-labels.lst", _piqa),
     "arc_easy": ("arc/arc_easy.yaml", "arc/ARC-Easy-Test.jsonl", None, _arc),
     "arc_challenge": ("arc/arc_challenge.yaml", "arc/ARC-Challenge-Test.jsonl", None, _arc),
     "boolq": ("super_glue/boolq/default.yaml", "boolq/val.jsonl", None, _boolq),
     "winogrande": ("winogrande/default.yaml", "winogrande/dev.jsonl", "winogrande/dev-labels.lst", _winogrande),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "hellaswag/hellaswag_val.jsonl", None, _hellaswag),
 }
 
 
