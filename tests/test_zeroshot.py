@@ -65,6 +65,9 @@ def _write_local_tasks(root):
              "endings": ["cross the river .", "eat the house .", "see the birds .", "open the road ."],
              "source_id": "x", "split": "val", "split_type": "indomain", "label": i % 4} for i in range(3)]
     (root / "hellaswag" / "hellaswag_val.jsonl").write_text("\n".join(map(json.dumps, swag)))
+    (root / "mmlu" / "test").mkdir(parents=True)  # the release's CSVs: no header, answer as a letter
+    (root / "mmlu" / "test" / "anatomy_test.csv").write_text('where is the river,"the city, old",the road,a,b,B\n' * 2)
+    (root / "mmlu" / "test" / "astronomy_test.csv").write_text("which house,red,old,new,big,D\n")
 
 
 def test_eval_command_runs_zero_shot_tasks_on_a_checkpoint(tiny_llama, corpus_file, tmp_path):
@@ -73,11 +76,14 @@ def test_eval_command_runs_zero_shot_tasks_on_a_checkpoint(tiny_llama, corpus_fi
                                "--nsamples", "4", "--seqlen", "64", "--group", "32", "--no-verify"]).exit_code == 0
     _write_local_tasks(tmp_path / "data")
     result = runner.invoke(app, ["--json", "eval", str(ckpt), "--task", "arc_easy", "--task", "boolq", "--task", "winogrande",
-                                 "--task", "hellaswag", "--data-dir", str(tmp_path / "data")])
+                                 "--task", "hellaswag", "--task", "mmlu", "--data-dir", str(tmp_path / "data")])
     assert result.exit_code == 0, result.output
     tasks = json.loads(result.stdout.strip().splitlines()[-1])["tasks"]
-    assert {t: tasks[t]["samples"] for t in tasks} == {"arc_easy": 3, "boolq": 3, "winogrande": 3, "hellaswag": 3}
+    assert {t: tasks[t]["samples"] for t in tasks} == {"arc_easy": 3, "boolq": 3, "winogrande": 3, "hellaswag": 3, "mmlu": 3}
     for score in tasks.values():
         assert round(score["acc"] * 3) == pytest.approx(score["acc"] * 3)  # a count of 3 items
+    (tmp_path / "data" / "mmlu" / "test" / "rivers_test.csv").write_text("a,b,c,d,e,A\n")
+    unknown = runner.invoke(app, ["eval", str(ckpt), "--task", "mmlu", "--data-dir", str(tmp_path / "data")])
+    assert unknown.exit_code == 2 and "'rivers' is not an MMLU subject" in unknown.output
     missing = runner.invoke(app, ["eval", str(ckpt), "--task", "piqa", "--data-dir", str(tmp_path / "data")])
     assert missing.exit_code == 2 and "piqa data not found" in missing.output

@@ -254,7 +254,7 @@ def quantize(
 @_handle_errors
 def eval_(
     model: Annotated[str, typer.Argument(help="Original model (dir, .gguf, alias, hub id) or a packed dgq checkpoint.")],
-    task: Annotated[list[str], typer.Option("--task", help="wikitext2 | ptb | c4 | piqa | arc_easy | arc_challenge | boolq | winogrande | hellaswag (repeatable).")] = ["wikitext2"],
+    task: Annotated[list[str], typer.Option("--task", help="wikitext2 | ptb | c4 | piqa | arc_easy | arc_challenge | boolq | winogrande | hellaswag | mmlu (repeatable).")] = ["wikitext2"],
     seqlen: Annotated[int, typer.Option("--seqlen", help="Window length [2048].")] = 2048,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N windows.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward.")] = 1,

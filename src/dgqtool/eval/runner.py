@@ -38,7 +38,7 @@ def load_for_eval(spec: str, device: str, dtype: str):
 
 def evaluate(spec: str, tasks: list[str], *, seqlen: int, limit: int | None, batch_size: int, data_dir: str | None,
              device: str, dtype: str, reporter: Reporter) -> dict:
-    from .zeroshot import TASKS as ZERO_SHOT_TASKS
+    from .zeroshot import TASK_NAMES as ZERO_SHOT_TASKS
 
     unknown = [t for t in tasks if t not in PPL_TASKS and t not in ZERO_SHOT_TASKS]
     if unknown:
