@@ -22,9 +22,7 @@ import torch
 
 from dgqtool.calib.data import calibration_tokens
 from dgqtool.data import data_dir
-from dgqtool.eval.data import PPL_TASKS, ppl_windows
-from dgqtool.eval.ppl import perplexity
-from dgqtool.eval.runner import headline
+from dgqtool.eval.runner import headline, score_model
 from dgqtool.models.load import load_model
 
 
@@ -56,21 +54,6 @@ def recipes(group: int, smoothing_strength: float) -> dict[str, list]:
         "llm-compressor SmoothQuant + GPTQ, symmetric": [smooth(), gptq(True)],
         "llm-compressor SmoothQuant + GPTQ, asymmetric": [smooth(), gptq(False)],
     }
-
-
-def score(model, tokenizer, tasks: list[str], args, device: str) -> dict:
-    results = {}
-    for task in (t for t in tasks if t in PPL_TASKS):
-        windows = ppl_windows(task, tokenizer, args.seqlen, args.data_dir, args.limit)
-        ppl = perplexity(model, windows, args.batch_size, device)
-        results[task] = {"ppl": ppl.ppl, "windows": ppl.windows, "seqlen": ppl.seqlen}
-    zero_shot_tasks = [t for t in tasks if t not in PPL_TASKS]
-    if zero_shot_tasks:
-        from dgqtool.eval.zeroshot import zero_shot
-
-        results.update(zero_shot(model, tokenizer, zero_shot_tasks, limit=args.limit, batch_size=args.batch_size,
-                                 data_dir=args.data_dir))
-    return results
 
 
 def main() -> None:
@@ -113,7 +96,8 @@ def main() -> None:
         oneshot(model=model, dataset=calibration, recipe=modifiers, max_seq_length=args.seqlen,
                 num_calibration_samples=args.nsamples)
         seconds[name] = time.time() - start
-        table[name] = score(model, tokenizer, args.tasks, args, device)
+        table[name] = score_model(model, tokenizer, args.tasks, seqlen=args.seqlen, limit=args.limit,
+                                  batch_size=args.batch_size, data_dir=args.data_dir, device=device)
         print(name, {t: headline(r) for t, r in table[name].items()}, flush=True)
         write_results(args.out, args, table, seconds)
         del model

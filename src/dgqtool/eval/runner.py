@@ -36,29 +36,48 @@ def load_for_eval(spec: str, device: str, dtype: str):
     return model.to(device), tokenizer, f"float ({dtype})"
 
 
-def evaluate(spec: str, tasks: list[str], *, seqlen: int, limit: int | None, batch_size: int, data_dir: str | None,
-             device: str, dtype: str, reporter: Reporter) -> dict:
+def check_tasks(tasks: list[str]) -> None:
     from .zeroshot import TASK_NAMES as ZERO_SHOT_TASKS
 
     unknown = [t for t in tasks if t not in PPL_TASKS and t not in ZERO_SHOT_TASKS]
     if unknown:
         raise DGQError(f"unknown task {unknown[0]}; perplexity tasks: {', '.join(PPL_TASKS)}; "
                        f"zero-shot tasks: {', '.join(ZERO_SHOT_TASKS)}")
-    model, tokenizer, kind = load_for_eval(spec, device, dtype)
-    results = {"model": spec, "kind": kind, "protocol": "GPTQ (non-overlapping windows, exp of mean window NLL)", "tasks": {}}
+
+
+def score_model(model, tokenizer, tasks: list[str], *, seqlen: int, limit: int | None, batch_size: int,
+                data_dir: str | None, device: str, reporter: Reporter | None = None) -> dict:
+    """Scores of an in-memory model: perplexity tasks first, then the zero-shot ones through lm-eval."""
+    check_tasks(tasks)
+    scores = {}
     for task in (t for t in tasks if t in PPL_TASKS):
         windows = ppl_windows(task, tokenizer, seqlen, data_dir, limit)
-        with reporter.task(f"{task} ({len(windows)} x {seqlen} tokens)", len(windows)) as step:
-            score = perplexity(model, windows, batch_size, device, on_batch=lambda n: [step.advance() for _ in range(n)])
-        results["tasks"][task] = {"ppl": score.ppl, "windows": score.windows, "seqlen": score.seqlen}
-    zero_shot_tasks = [t for t in tasks if t in ZERO_SHOT_TASKS]
+        if reporter is None:
+            score = perplexity(model, windows, batch_size, device)
+        else:
+            with reporter.task(f"{task} ({len(windows)} x {seqlen} tokens)", len(windows)) as step:
+                score = perplexity(model, windows, batch_size, device,
+                                   on_batch=lambda n: [step.advance() for _ in range(n)])
+        scores[task] = {"ppl": score.ppl, "windows": score.windows, "seqlen": score.seqlen}
+    zero_shot_tasks = [t for t in tasks if t not in PPL_TASKS]
     if zero_shot_tasks:
         from .zeroshot import zero_shot
 
-        reporter.info(f"zero-shot through lm-eval: {', '.join(zero_shot_tasks)}")
-        results["tasks"].update(zero_shot(model, tokenizer, zero_shot_tasks, limit=limit, batch_size=batch_size,
-                                          data_dir=data_dir))
-    return results
+        if reporter is not None:
+            reporter.info(f"zero-shot through lm-eval: {', '.join(zero_shot_tasks)}")
+        scores.update(zero_shot(model, tokenizer, zero_shot_tasks, limit=limit, batch_size=batch_size,
+                                data_dir=data_dir))
+    return scores
+
+
+def evaluate(spec: str, tasks: list[str], *, seqlen: int, limit: int | None, batch_size: int, data_dir: str | None,
+             device: str, dtype: str, reporter: Reporter) -> dict:
+    check_tasks(tasks)  # before the model loads
+    model, tokenizer, kind = load_for_eval(spec, device, dtype)
+    scores = score_model(model, tokenizer, tasks, seqlen=seqlen, limit=limit, batch_size=batch_size,
+                         data_dir=data_dir, device=device, reporter=reporter)
+    return {"model": spec, "kind": kind, "protocol": "GPTQ (non-overlapping windows, exp of mean window NLL)",
+            "tasks": scores}
 
 
 def headline(score: dict) -> tuple[str, float]:
