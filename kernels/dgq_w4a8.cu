@@ -44,7 +44,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { retur
 
 // Programmatic dependent launch (Hopper builds, DGQ_PDL): the activation quantization lets the
 // fused GEMV / tensor-core kernel that consumes it launch while it still runs; the consumer starts
-// its blocks and pulls its first weights into L2, then waits (griddepcontrol.wait: the producer
+// its blocks and loads its first codes (into L2 or registers), then waits (griddepcontrol.wait: the producer
 // grid completed and its writes are visible) before it reads the activations. Hides the gap
 // between the two kernels, which at decode sizes is a third of the linear's time.
 __device__ __forceinline__ void allow_dependents() {
@@ -103,75 +103,6 @@ __global__ void unpack_s8_kernel(const uint4* __restrict__ qweight, const int8_t
   w[2 * i + 1] = make_uint4(outw[4], outw[5], outw[6], outw[7]);
 }
 
-// Fused W4A8 GEMV for M <= ROWS: a warp owns CH output channels and streams their packed codes
-// with 16-byte loads (lane i takes 32 features per channel per step), converts them in registers
-// and accumulates with dp4a against the int8 activations, whose bytes are permuted to the
-// even/odd feature order of the converted words. Each activation load serves CH channels.
-template <int ROWS, int CH, typename Out>
-__global__ void gemv_kernel(const uint4* __restrict__ qweight, const int8_t* __restrict__ s2,
-                            const uint8_t* __restrict__ zp, const __half* __restrict__ s1,
-                            const int8_t* __restrict__ x, const float* __restrict__ s_x, Out* __restrict__ out,
-                            int m, int n, int k, int group) {
-  const int lane = threadIdx.x & 31;
-  const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * CH;
-  if (first >= n) return;
-  const int chunks = k / 32, groups = k / group;
-  if (lane < chunks)
-#pragma unroll
-    for (int c = 0; c < CH; ++c) prefetch_l2(qweight + static_cast<int64_t>(min(first + c, n - 1)) * chunks + lane);
-  wait_for_producer();
-  int acc[CH][ROWS];
-#pragma unroll
-  for (int c = 0; c < CH; ++c)
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[c][r] = 0;
-
-  for (int chunk = lane; chunk < chunks; chunk += 32) {
-    uint32_t even[CH][4], odd[CH][4];
-#pragma unroll
-    for (int c = 0; c < CH; ++c) {
-      const int channel = min(first + c, n - 1);  // a tail warp recomputes the last channel, unwritten
-      const uint4 q = __ldg(qweight + static_cast<int64_t>(channel) * chunks + chunk);
-      const int sg = channel * groups + chunk * 32 / group;
-      const uint32_t scale = static_cast<uint32_t>(s2[sg]);
-      const uint32_t cst = group_constant(s2[sg], zp[sg]);
-      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) convert8(words[j], scale, cst, even[c][j], odd[c][j]);
-    }
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      if (r < m) {
-        const uint4* xr = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(r) * k) + chunk * 2;
-        const uint4 a = __ldg(xr), b = __ldg(xr + 1);
-        const uint32_t xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int xe = static_cast<int>(__byte_perm(xs[2 * j], xs[2 * j + 1], 0x6420));
-          const int xo = static_cast<int>(__byte_perm(xs[2 * j], xs[2 * j + 1], 0x7531));
-#pragma unroll
-          for (int c = 0; c < CH; ++c) {
-            acc[c][r] = __dp4a(static_cast<int>(even[c][j]), xe, acc[c][r]);
-            acc[c][r] = __dp4a(static_cast<int>(odd[c][j]), xo, acc[c][r]);
-          }
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int c = 0; c < CH; ++c) {
-    const int channel = first + c;
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      int v = acc[c][r];
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-      if (lane == 0 && r < m && channel < n)
-        out[static_cast<int64_t>(r) * n + channel] = from_float<Out>((static_cast<float>(v) * s_x[r]) * __half2float(s1[channel]));
-    }
-  }
-}
-
 __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                        uint32_t b0, uint32_t b1) {
   asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -189,8 +120,8 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, ui
 // convert8, and two byte permutes of the activations. No weight reordering, loads fully coalesced
 // (a warp reads 64 contiguous bytes per channel). The block's warps split K and sum their int32
 // tiles in shared memory, so the result is exact whatever the split.
-template <int CT, int TT, typename Out>
-__global__ void __launch_bounds__(256) mma_kernel(const uint4* __restrict__ qweight, const int8_t* __restrict__ s2,
+template <int CT, int TT, int MAX_THREADS, typename Out>
+__global__ void __launch_bounds__(MAX_THREADS) mma_kernel(const uint4* __restrict__ qweight, const int8_t* __restrict__ s2,
                                                   const uint8_t* __restrict__ zp, const __half* __restrict__ s1,
                                                   const int8_t* __restrict__ x, const float* __restrict__ s_x,
                                                   Out* __restrict__ out, int m, int n, int k, int group) {
@@ -278,72 +209,171 @@ __global__ void __launch_bounds__(256) mma_kernel(const uint4* __restrict__ qwei
 
 // Per-token (static_scale == nullptr) or static per-tensor symmetric int8, bit-identical to
 // dgqtool.quant.quantizer: scale = max(amax * (1/127), 1e-8), q = clamp(rint(x / scale), -127, 127).
-// VEC elements per 16-byte load; the row is read twice (the second time from L1/L2).
+// A block owns a row; VEC elements per 16-byte load; the row is read twice (the second time from
+// L1/L2). `reduce` is 32 floats of shared memory.
 template <typename In>
-__global__ void quantize_rows_kernel(const In* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale,
-                                     const float* __restrict__ static_scale, int k) {
+__device__ float row_scale(const In* __restrict__ row, const float* __restrict__ static_scale, int k, float* reduce) {
   constexpr int VEC = 16 / sizeof(In);
-  allow_dependents();
-  const In* row = x + static_cast<int64_t>(blockIdx.x) * k;
-  int8_t* qrow = q + static_cast<int64_t>(blockIdx.x) * k;
-  const int vectors = k / VEC;
-  __shared__ float warp_max[32];
-  float s;
-  if (static_scale == nullptr) {
-    float amax = 0.f;
-    for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
-      const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
-      const In* e = reinterpret_cast<const In*>(&raw);
+  if (static_scale != nullptr) return static_scale[0];
+  float amax = 0.f;
+  for (int v = threadIdx.x; v < k / VEC; v += blockDim.x) {
+    const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
+    const In* e = reinterpret_cast<const In*>(&raw);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
-    }
-    for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = amax;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-      amax = threadIdx.x < blockDim.x / 32 ? warp_max[threadIdx.x] : 0.f;
-      for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-      if (threadIdx.x == 0) warp_max[0] = fmaxf(amax * (1.0f / 127.f), 1e-8f);
-    }
-    __syncthreads();
-    s = warp_max[0];
-  } else {
-    s = static_scale[0];
+    for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
   }
-  if (threadIdx.x == 0) scale[blockIdx.x] = s;
-  for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
+  for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  if ((threadIdx.x & 31) == 0) reduce[threadIdx.x / 32] = amax;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    amax = threadIdx.x < blockDim.x / 32 ? reduce[threadIdx.x] : 0.f;
+    for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    if (threadIdx.x == 0) reduce[0] = fmaxf(amax * (1.0f / 127.f), 1e-8f);
+  }
+  __syncthreads();
+  return reduce[0];
+}
+
+// q may point to global or shared memory.
+template <typename In>
+__device__ void quantize_row(const In* __restrict__ row, int8_t* __restrict__ q, float s, int k) {
+  constexpr int VEC = 16 / sizeof(In);
+  for (int v = threadIdx.x; v < k / VEC; v += blockDim.x) {
     const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
     const In* e = reinterpret_cast<const In*>(&raw);
     int8_t out[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) out[j] = static_cast<int8_t>(fminf(fmaxf(rintf(__fdiv_rn(to_float(e[j]), s)), -127.f), 127.f));
     if constexpr (VEC == 8) {
-      reinterpret_cast<uint2*>(qrow)[v] = *reinterpret_cast<const uint2*>(out);
+      reinterpret_cast<uint2*>(q)[v] = *reinterpret_cast<const uint2*>(out);
     } else {
-      reinterpret_cast<uint32_t*>(qrow)[v] = *reinterpret_cast<const uint32_t*>(out);
+      reinterpret_cast<uint32_t*>(q)[v] = *reinterpret_cast<const uint32_t*>(out);
     }
   }
 }
 
-template <int ROWS, int CH, typename Out>
-int launch_gemv(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
-                const float* s_x, void* out, int m, int n, int k, int group, cudaStream_t stream) {
-  constexpr int warps = 4;
-  const int per_block = warps * CH;
-  return launch(gemv_kernel<ROWS, CH, Out>, dim3((n + per_block - 1) / per_block), dim3(warps * 32), stream,
-                static_cast<const uint4*>(qweight), s2, zp, static_cast<const __half*>(s1), x, s_x,
-                static_cast<Out*>(out), m, n, k, group);
+template <typename In>
+__global__ void quantize_rows_kernel(const In* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale,
+                                     const float* __restrict__ static_scale, int k) {
+  allow_dependents();
+  __shared__ float reduce[32];
+  const In* row = x + static_cast<int64_t>(blockIdx.x) * k;
+  const float s = row_scale(row, static_scale, k, reduce);
+  if (threadIdx.x == 0) scale[blockIdx.x] = s;
+  quantize_row(row, q + static_cast<int64_t>(blockIdx.x) * k, s, k);
 }
 
+// Decode GEMV for one token. At decode sizes the kernel is bound by the bytes it keeps in flight
+// (Nsight Compute on the H100: ~2 blocks and 3.5 warps per scheduler, stalls mostly on global
+// loads), so every lane keeps U steps of codes in flight: the first U are issued before the kernel
+// waits for the activation quantization it overlaps (programmatic dependent launch) -- all of the
+// weight for K = 4096 -- and each next U before the current ones are converted. A warp owns CH
+// output channels; lane i takes 32 features (one 16-byte word of codes) per channel per step,
+// converts them in registers and accumulates with dp4a against the int8 token, whose bytes are
+// permuted to the even/odd feature order of the converted words.
+template <int CH, int U>
+struct CodeSteps {
+  uint4 q[U][CH];
+  uint32_t scale[U][CH], cst[U][CH];
+
+  __device__ __forceinline__ void load(const uint4* __restrict__ qweight, const int8_t* __restrict__ s2,
+                                       const uint8_t* __restrict__ zp, const int (&channel)[CH], int first_chunk,
+                                       int chunks, int groups, int group) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int chunk = first_chunk + 32 * u;
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        if (chunk < chunks) {
+          q[u][c] = __ldg(qweight + static_cast<int64_t>(channel[c]) * chunks + chunk);
+          const int sg = channel[c] * groups + chunk * 32 / group;
+          scale[u][c] = static_cast<uint32_t>(s2[sg]);
+          cst[u][c] = group_constant(s2[sg], zp[sg]);
+        }
+      }
+    }
+  }
+};
+
+template <int CH, int U, typename Out>
+__global__ void __launch_bounds__(256) gemv_kernel(const uint4* __restrict__ qweight, const int8_t* __restrict__ s2,
+                                                   const uint8_t* __restrict__ zp, const __half* __restrict__ s1,
+                                                   const int8_t* __restrict__ x, const float* __restrict__ s_x,
+                                                   Out* __restrict__ out, int n, int k, int group) {
+  const int lane = threadIdx.x & 31;
+  const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * CH;
+  if (first >= n) return;
+  const int chunks = k / 32, groups = k / group;
+  int channel[CH];  // a tail warp recomputes the last channel, unwritten
+#pragma unroll
+  for (int c = 0; c < CH; ++c) channel[c] = min(first + c, n - 1);
+
+  CodeSteps<CH, U> cur;
+  cur.load(qweight, s2, zp, channel, lane, chunks, groups, group);
+  wait_for_producer();
+  const uint4* token = reinterpret_cast<const uint4*>(x);
+  int acc[CH];
+#pragma unroll
+  for (int c = 0; c < CH; ++c) acc[c] = 0;
+  for (int base = lane; base < chunks; base += 32 * U) {
+    CodeSteps<CH, U> next;
+    if (base + 32 * U < chunks) next.load(qweight, s2, zp, channel, base + 32 * U, chunks, groups, group);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int chunk = base + 32 * u;
+      if (chunk < chunks) {
+        const uint4 a = __ldg(token + 2 * chunk), b = __ldg(token + 2 * chunk + 1);
+        const uint32_t xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+          const uint32_t words[4] = {cur.q[u][c].x, cur.q[u][c].y, cur.q[u][c].z, cur.q[u][c].w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            uint32_t even, odd;
+            convert8(words[j], cur.scale[u][c], cur.cst[u][c], even, odd);
+            acc[c] = __dp4a(static_cast<int>(even), static_cast<int>(__byte_perm(xs[2 * j], xs[2 * j + 1], 0x6420)), acc[c]);
+            acc[c] = __dp4a(static_cast<int>(odd), static_cast<int>(__byte_perm(xs[2 * j], xs[2 * j + 1], 0x7531)), acc[c]);
+          }
+        }
+      }
+    }
+    cur = next;
+  }
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    int v = acc[c];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (lane == 0 && first + c < n)
+      out[first + c] = from_float<Out>((static_cast<float>(v) * s_x[0]) * __half2float(s1[first + c]));
+  }
+}
+
+template <int CH, int U, typename Out>
+int launch_gemv(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+                const float* s_x, void* out, int n, int k, int group, cudaStream_t stream) {
+  constexpr int warps = 8;
+  const int per_block = warps * CH;
+  return launch(gemv_kernel<CH, U, Out>, dim3((n + per_block - 1) / per_block), dim3(warps * 32), stream,
+                static_cast<const uint4*>(qweight), s2, zp, static_cast<const __half*>(s1), x, s_x,
+                static_cast<Out*>(out), n, k, group);
+}
+
+// Configurations (channels per warp, steps in flight per lane): more steps in flight suit few
+// output channels (o, down at decode: one wave of blocks), fewer registers suit many (qkv, gate_up).
 template <typename Out>
 int gemv_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
-                  const float* s_x, void* out, int m, int n, int k, int group, cudaStream_t stream) {
+                  const float* s_x, void* out, int n, int k, int group, int channels_per_warp, int steps,
+                  cudaStream_t stream) {
   if (k % 32 || group % 32 || k % group) return 1;
-  if (m <= 1) return launch_gemv<1, 2, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
-  if (m <= 2) return launch_gemv<2, 4, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
-  if (m <= 4) return launch_gemv<4, 4, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
-  if (m <= 8) return launch_gemv<8, 4, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
-  if (m <= 16) return launch_gemv<16, 2, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+#define DGQ_GEMV_CONFIG(CH, U) \
+  if (channels_per_warp == CH && steps == U) return launch_gemv<CH, U, Out>(qweight, s2, zp, s1, x, s_x, out, n, k, group, stream);
+  DGQ_GEMV_CONFIG(2, 1)
+  DGQ_GEMV_CONFIG(2, 2)
+  DGQ_GEMV_CONFIG(2, 4)
+  DGQ_GEMV_CONFIG(1, 8)
+  DGQ_GEMV_CONFIG(4, 2)
+#undef DGQ_GEMV_CONFIG
   return 1;
 }
 
@@ -351,12 +381,20 @@ template <int CT, int TT, typename Out>
 int launch_mma(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
                const float* s_x, void* out, int m, int n, int k, int group, int warps, cudaStream_t stream) {
   const dim3 grid((n + 16 * CT - 1) / (16 * CT), (m + 8 * TT - 1) / (8 * TT));
-  return launch(mma_kernel<CT, TT, Out>, grid, dim3(warps * 32), stream, static_cast<const uint4*>(qweight), s2, zp,
-                static_cast<const __half*>(s1), x, s_x, static_cast<Out*>(out), m, n, k, group);
+  // 16 warps (register cap 128): built for one channel tile and up to 16 tokens, where it fits
+  if constexpr (CT == 1 && TT <= 2) {
+    if (warps == 16)
+      return launch(mma_kernel<CT, TT, 512, Out>, grid, dim3(warps * 32), stream, static_cast<const uint4*>(qweight),
+                    s2, zp, static_cast<const __half*>(s1), x, s_x, static_cast<Out*>(out), m, n, k, group);
+  }
+  if (warps > 8) return 1;
+  return launch(mma_kernel<CT, TT, 256, Out>, grid, dim3(warps * 32), stream, static_cast<const uint4*>(qweight), s2,
+                zp, static_cast<const __half*>(s1), x, s_x, static_cast<Out*>(out), m, n, k, group);
 }
 
 // Token tiles from M (up to 64 tokens per block; more M adds blocks that re-read the weights from
-// L2); channel tiles per warp (1 or 2) and warps per block (4 or 8) are the tuned knobs.
+// L2); channel tiles per warp (1 or 2) and warps per block (4, 8 or 16 -- more warps split K
+// finer, so more bytes are in flight when N gives few blocks) are the tuned knobs.
 template <int CT, typename Out>
 int mma_by_rows(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
                 const float* s_x, void* out, int m, int n, int k, int group, int warps, cudaStream_t stream) {
@@ -370,7 +408,7 @@ template <typename Out>
 int mma_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
                  const float* s_x, void* out, int m, int n, int k, int group, int channel_tiles, int warps,
                  cudaStream_t stream) {
-  if (k % 32 || group % 32 || k % group || m < 1 || (warps != 4 && warps != 8)) return 1;
+  if (k % 32 || group % 32 || k % group || m < 1 || (warps != 4 && warps != 8 && warps != 16)) return 1;
   if (channel_tiles == 1) return mma_by_rows<1, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, warps, stream);
   if (channel_tiles == 2) return mma_by_rows<2, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, warps, stream);
   return 1;
@@ -399,14 +437,18 @@ extern "C" int dgq_unpack_s8(const void* qweight, const int8_t* s2, const uint8_
   return cudaGetLastError() == cudaSuccess ? 0 : 3;
 }
 
+// One int8 token (M = 1); (channels_per_warp, steps) picks the configuration.
 extern "C" int dgq_gemv_f16(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
-                            const float* s_x, void* out, int m, int n, int k, int group, cudaStream_t stream) {
-  return gemv_dispatch<__half>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+                            const float* s_x, void* out, int n, int k, int group, int channels_per_warp, int steps,
+                            cudaStream_t stream) {
+  return gemv_dispatch<__half>(qweight, s2, zp, s1, x, s_x, out, n, k, group, channels_per_warp, steps, stream);
 }
 
 extern "C" int dgq_gemv_bf16(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
-                             const float* s_x, void* out, int m, int n, int k, int group, cudaStream_t stream) {
-  return gemv_dispatch<__nv_bfloat16>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, stream);
+                             const float* s_x, void* out, int n, int k, int group, int channels_per_warp, int steps,
+                             cudaStream_t stream) {
+  return gemv_dispatch<__nv_bfloat16>(qweight, s2, zp, s1, x, s_x, out, n, k, group, channels_per_warp, steps,
+                                      stream);
 }
 
 extern "C" int dgq_mma_f16(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,

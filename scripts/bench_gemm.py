@@ -5,8 +5,9 @@ CUDA-graph replays, weights rotating over several copies so L2 cannot hold them)
   dgq      the whole DGQ linear from fp16 activations as the runtime dispatches it: per-token int8
            quantization kernel, then the path chosen for (M, N, K);
   gemv / mma / unpack+gemm   the three GEMM paths alone on int8 activations: the dp4a GEMV
-           (M <= 16), the fused tensor-core kernel (best of its configurations, M <= 1024), and the
-           int4 -> int8 expansion + CUTLASS sm90 GEMM;
+           (M = 1), the fused tensor-core kernel (M <= 1024; both the best of their configurations),
+           and the int4 -> int8 expansion + CUTLASS sm90 GEMM;
+  quantize the per-token int8 activation quantization kernel alone (part of dgq);
   int8     cuBLAS int8 torch._int_mm (M padded to 17, its minimum) -- no scales, no quantization;
   bf16     cuBLAS bf16 matmul;
   fp8      torch._scaled_mm, e4m3 with row-wise scales;
@@ -121,6 +122,7 @@ def measure_shape(lib, shape: str, n: int, k: int, rows: list[int], bandwidth: f
 
         row = {"shape": shape, "N": n, "K": k, "M": m, "bound_us": weight_bytes / bandwidth * 1e6,
                "unpack_gemm_us": bench(unpack_gemm),
+               "quantize_us": bench(lambda: runtime.quantize_rows(lib, x)),
                "int8_us": bench(lambda: torch._int_mm(x8, int8_w.next().T)),
                "bf16_us": bench(lambda: xb @ bf16_w.next().T),
                "fp8_us": bench(lambda: torch._scaled_mm(xf8, fp8_w.next().T, scale_a=s_x, scale_b=s_w,
@@ -131,11 +133,15 @@ def measure_shape(lib, shape: str, n: int, k: int, rows: list[int], bandwidth: f
                 torch._weight_int4pack_mm(xb, w4, GROUP, scales_and_zeros)
 
             row["a16w4_us"] = bench(tinygemm)
-        if m <= runtime.GEMV_MAX_ROWS:
-            row["gemv_us"] = bench(lambda: runtime.gemv(lib, x_q, s_x, *dgq_w.next(), GROUP, torch.float16))
+        if m == 1:
+            row["gemv_configs_us"] = {f"{c[0]}x{c[1]}": bench(lambda c=c: runtime.gemv(
+                lib, x_q, s_x, *dgq_w.next(), GROUP, torch.float16, c)) for c in runtime.GEMV_CONFIGS}
+            best = min(row["gemv_configs_us"], key=row["gemv_configs_us"].get)
+            row["gemv_us"], row["gemv_config"] = row["gemv_configs_us"][best], best
         if m <= MMA_ROWS:
             row["mma_configs_us"] = {f"{c[0]}x{c[1]}": bench(
-                lambda c=c: runtime.mma(lib, x_q, s_x, *dgq_w.next(), GROUP, torch.float16, c)) for c in runtime.MMA_CONFIGS}
+                lambda c=c: runtime.mma(lib, x_q, s_x, *dgq_w.next(), GROUP, torch.float16, c))
+                for c in runtime.mma_configs(m)}
             best = min(row["mma_configs_us"], key=row["mma_configs_us"].get)
             row["mma_us"], row["mma_config"] = row["mma_configs_us"][best], best
         if tune and lib.gemm_variants and m > 16:
@@ -148,7 +154,8 @@ def measure_shape(lib, shape: str, n: int, k: int, rows: list[int], bandwidth: f
             # unpack+gemm was timed with the previous table's variant; tuning re-times the winner below
             candidates = {"gemm": row["unpack_gemm_us"], "gemv": row.get("gemv_us"), "mma": row.get("mma_us")}
             path = min((p for p in candidates if candidates[p] is not None), key=candidates.get)
-            paths[key] = [path, [int(v) for v in row["mma_config"].split("x")]] if path == "mma" else [path]
+            config = row.get(f"{path}_config")
+            paths[key] = [path, [int(v) for v in config.split("x")]] if config else [path]
             lib.paths[key] = paths[key]
             if key in variants:
                 lib.tuned[key] = variants[key]
@@ -171,12 +178,12 @@ def _cell(row: dict, key: str, fmt: str = "{:.1f}") -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| shape (N×K) | M | DGQ linear µs | path µs: GEMV / mma / unpack+GEMM | int8 µs | bf16 µs | fp8 µs "
-             "| A16W4 µs | int8/DGQ | bf16/DGQ | fp8/DGQ | A16W4/DGQ | bound/DGQ |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape (N×K) | M | DGQ linear µs | path µs: GEMV / mma / unpack+GEMM | quant µs | int8 µs | bf16 µs "
+             "| fp8 µs | A16W4 µs | int8/DGQ | bf16/DGQ | fp8/DGQ | A16W4/DGQ | bound/DGQ |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} {r['N']}×{r['K']} | {r['M']} | {r['dgq_us']:.1f} | {_cell(r, 'gemv_us')} / "
-                     f"{_cell(r, 'mma_us')} / {r['unpack_gemm_us']:.1f} | {r['int8_us']:.1f} | {r['bf16_us']:.1f} | "
+                     f"{_cell(r, 'mma_us')} / {r['unpack_gemm_us']:.1f} | {r['quantize_us']:.1f} | {r['int8_us']:.1f} | {r['bf16_us']:.1f} | "
                      f"{r['fp8_us']:.1f} | {_cell(r, 'a16w4_us')} | {r['int8_over_dgq']:.2f} | {r['bf16_over_dgq']:.2f} | "
                      f"{r['fp8_over_dgq']:.2f} | {_cell(r, 'a16w4_over_dgq', '{:.2f}')} | {r['bound_fraction']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -236,7 +243,7 @@ def main() -> None:
     plot(rows, args.out / "gemm.png")
     if args.tune:
         tuned = {"device": name, "note": "per (M bucket, N, K): fastest emitted GEMM variant (choice) and fastest path "
-                 "(paths: gemv | mma [channel tiles, warps] | gemm); scripts/bench_gemm.py --tune",
+                 "(paths: gemv [channels per warp, steps in flight] | mma [channel tiles, warps] | gemm); scripts/bench_gemm.py --tune",
                  "choice": variants, "paths": paths}
         (args.out / "tuned_sm90.json").write_text(json.dumps(tuned, indent=1))
         print(f"tuning table: {args.out / 'tuned_sm90.json'} (copy to {build.source_dir() / 'tuned_sm90.json'})")

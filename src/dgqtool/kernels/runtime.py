@@ -27,12 +27,20 @@ import torch
 from ..errors import DGQError
 from . import build
 
-# Defaults for untuned shapes (H100, scripts/bench_gemm.py): the GEMV handles up to 16 rows but
-# only wins at one; the tensor-core kernel (channel tiles per warp, warps per block) up to MMA_MAX_ROWS.
-GEMV_MAX_ROWS = 16
+# Defaults for untuned shapes (H100, scripts/bench_gemm.py): the GEMV (channels per warp, steps in
+# flight per lane) for one token, the tensor-core kernel (channel tiles per warp, warps per block)
+# up to MMA_MAX_ROWS.
+GEMV_DEFAULT = (2, 2)
+GEMV_CONFIGS = [(2, 1), (2, 2), (2, 4), (1, 8), (4, 2)]
 MMA_MAX_ROWS = 64
 MMA_DEFAULT = (1, 8)
 MMA_CONFIGS = [(1, 4), (1, 8), (2, 4), (2, 8)]
+MMA_WIDE = (1, 16)  # 16 warps per block: built for up to 16 tokens only (register cap)
+
+
+def mma_configs(m: int) -> list[tuple[int, int]]:
+    """The tensor-core kernel's configurations for M tokens."""
+    return MMA_CONFIGS + [MMA_WIDE] if m <= 16 else MMA_CONFIGS
 _OUT_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 _IN_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 _ERRORS = {1: "shape not supported", 2: "workspace too small", 3: "CUDA launch failed"}
@@ -49,7 +57,7 @@ class KernelLibrary:
         ptr, i32, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
         self._sig("dgq_unpack_s8", [ptr, ptr, ptr, ptr, i32, i32, i32, ptr])
         for suffix in _OUT_SUFFIX.values():
-            self._sig(f"dgq_gemv_{suffix}", [ptr] * 7 + [i32] * 4 + [ptr])
+            self._sig(f"dgq_gemv_{suffix}", [ptr] * 7 + [i32] * 5 + [ptr])
             self._sig(f"dgq_mma_{suffix}", [ptr] * 7 + [i32] * 6 + [ptr])
         for suffix in _IN_SUFFIX.values():
             self._sig(f"dgq_quantize_rows_{suffix}", [ptr] * 4 + [i32, i32, ptr])
@@ -161,12 +169,13 @@ def int8_gemm(lib: KernelLibrary, x_q, s_x, w_s8, s1, out_dtype, variant: str | 
     return out
 
 
-def gemv(lib: KernelLibrary, x_q, s_x, qweight, s2, zero, s1, group: int, out_dtype) -> torch.Tensor:
-    m, k = x_q.shape
-    n = qweight.shape[0]
-    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+def gemv(lib: KernelLibrary, x_q, s_x, qweight, s2, zero, s1, group: int, out_dtype,
+         config: tuple[int, int] = GEMV_DEFAULT) -> torch.Tensor:
+    """Fused decode GEMV of one int8 token x_q (1, K) -> (1, N); config as in GEMV_CONFIGS."""
+    n, k = qweight.shape[0], x_q.shape[1]
+    out = torch.empty(1, n, dtype=out_dtype, device=x_q.device)
     lib.call(f"dgq_gemv_{_OUT_SUFFIX[out_dtype]}", qweight.data_ptr(), s2.data_ptr(), zero.data_ptr(), s1.data_ptr(),
-             x_q.data_ptr(), s_x.data_ptr(), out.data_ptr(), m, n, k, group, _stream(x_q.device))
+             x_q.data_ptr(), s_x.data_ptr(), out.data_ptr(), n, k, group, *config, _stream(x_q.device))
     return out
 
 
@@ -182,12 +191,12 @@ def mma(lib: KernelLibrary, x_q, s_x, qweight, s2, zero, s1, group: int, out_dty
 
 
 def choose_path(lib: KernelLibrary, m: int, n: int, k: int) -> tuple[str, tuple[int, int] | None]:
-    """("gemv" | "mma" | "gemm", mma config) for an M x N x K problem."""
+    """("gemv" | "mma" | "gemm", its configuration) for an M x N x K problem."""
     tuned = lib.paths.get(f"{_bucket(m)},{n},{k}")
-    if tuned is not None:
-        return tuned[0], tuple(tuned[1]) if tuned[0] == "mma" else None
+    if tuned is not None and (tuned[0] != "gemv" or m == 1):
+        return tuned[0], tuple(tuned[1]) if len(tuned) > 1 else None
     if m == 1:
-        return "gemv", None
+        return "gemv", GEMV_DEFAULT
     return ("mma", MMA_DEFAULT) if m <= MMA_MAX_ROWS else ("gemm", None)
 
 
@@ -197,10 +206,10 @@ def dgq_linear(lib: KernelLibrary, x: torch.Tensor, qweight, s2, zero, s1, group
     x_q, s_x = quantize_rows(lib, x, static_scale)
     m, k = x_q.shape
     path, config = choose_path(lib, m, qweight.shape[0], k)
-    if path == "gemv" and m <= GEMV_MAX_ROWS:
-        return gemv(lib, x_q, s_x, qweight, s2, zero, s1, group, x.dtype)
+    if path == "gemv":
+        return gemv(lib, x_q, s_x, qweight, s2, zero, s1, group, x.dtype, config or GEMV_DEFAULT)
     if path == "mma":
-        return mma(lib, x_q, s_x, qweight, s2, zero, s1, group, x.dtype, config)
+        return mma(lib, x_q, s_x, qweight, s2, zero, s1, group, x.dtype, config or MMA_DEFAULT)
     w_s8 = unpack_s8(lib, qweight, s2, zero, group)
     if lib.gemm_variants and k % 16 == 0 and qweight.shape[0] % 8 == 0:
         return int8_gemm(lib, x_q, s_x, w_s8, s1, x.dtype)
