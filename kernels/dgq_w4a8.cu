@@ -28,6 +28,20 @@ __device__ __forceinline__ uint32_t group_constant(int s2, int zp) {
   return static_cast<uint32_t>(128 - s2 * zp) * 0x01010101u;
 }
 
+// Group of a 32-code word: word / (group / 32) with one multiply-high instead of an integer
+// division (~20 instructions in the hot loops). magic = ceil(2^32 / d) overshoots 2^32 / d by
+// e < d, so the quotient is exact while word * e < 2^32 (any K below 2^42 / group); d = 1
+// (group 32) would overflow the magic and takes the word itself.
+struct WordGroup {
+  uint32_t magic;
+  bool one;
+  __device__ __forceinline__ explicit WordGroup(int group)
+      : magic(0xFFFFFFFFu / static_cast<uint32_t>(group / 32) + 1u), one(group == 32) {}
+  __device__ __forceinline__ int operator()(int word) const {
+    return one ? word : static_cast<int>(__umulhi(static_cast<uint32_t>(word), magic));
+  }
+};
+
 __device__ __forceinline__ void convert8(uint32_t word, uint32_t s2, uint32_t c, uint32_t& even, uint32_t& odd) {
   even = ((word & 0x0F0F0F0Fu) * s2 + c) ^ 0x80808080u;
   odd = (((word >> 4) & 0x0F0F0F0Fu) * s2 + c) ^ 0x80808080u;
@@ -130,6 +144,7 @@ __global__ void __launch_bounds__(MAX_THREADS) mma_kernel(const uint4* __restric
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int ch0 = blockIdx.x * CHANNELS, tok0 = blockIdx.y * TOKENS;
   const int words_per_row = k / 32, groups = k / group;
+  const WordGroup group_of(group);
   for (int i = threadIdx.x; i < TOKENS * CHANNELS; i += blockDim.x) (&tile[0][0])[i] = 0;
 
   int row[CT][2];  // rows past n (and tokens past m) repeat the last one; their results are not stored
@@ -168,7 +183,7 @@ __global__ void __launch_bounds__(MAX_THREADS) mma_kernel(const uint4* __restric
       for (int h = 0; h < 2; ++h) {
         const int r = row[c][h];
         const uint4 q = live ? __ldg(qweight + static_cast<int64_t>(r) * words_per_row + word) : make_uint4(0, 0, 0, 0);
-        const int sg = r * groups + (live ? word * 32 / group : 0);
+        const int sg = r * groups + (live ? group_of(word) : 0);
         const uint32_t scale = static_cast<uint32_t>(s2[sg]);
         const uint32_t cst = group_constant(s2[sg], zp[sg]);
         const uint32_t words[4] = {q.x, q.y, q.z, q.w};
@@ -278,7 +293,7 @@ struct CodeSteps {
 
   __device__ __forceinline__ void load(const uint4* __restrict__ qweight, const int8_t* __restrict__ s2,
                                        const uint8_t* __restrict__ zp, const int (&channel)[CH], int first_chunk,
-                                       int chunks, int groups, int group) {
+                                       int chunks, int groups, const WordGroup& group_of) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int chunk = first_chunk + 32 * u;
@@ -286,7 +301,7 @@ struct CodeSteps {
       for (int c = 0; c < CH; ++c) {
         if (chunk < chunks) {
           q[u][c] = __ldg(qweight + static_cast<int64_t>(channel[c]) * chunks + chunk);
-          const int sg = channel[c] * groups + chunk * 32 / group;
+          const int sg = channel[c] * groups + group_of(chunk);
           scale[u][c] = static_cast<uint32_t>(s2[sg]);
           cst[u][c] = group_constant(s2[sg], zp[sg]);
         }
@@ -304,12 +319,13 @@ __global__ void __launch_bounds__(256) gemv_kernel(const uint4* __restrict__ qwe
   const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * CH;
   if (first >= n) return;
   const int chunks = k / 32, groups = k / group;
+  const WordGroup group_of(group);
   int channel[CH];  // a tail warp recomputes the last channel, unwritten
 #pragma unroll
   for (int c = 0; c < CH; ++c) channel[c] = min(first + c, n - 1);
 
   CodeSteps<CH, U> cur;
-  cur.load(qweight, s2, zp, channel, lane, chunks, groups, group);
+  cur.load(qweight, s2, zp, channel, lane, chunks, groups, group_of);
   wait_for_producer();
   const uint4* token = reinterpret_cast<const uint4*>(x);
   int acc[CH];
@@ -317,7 +333,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(const uint4* __restrict__ qwe
   for (int c = 0; c < CH; ++c) acc[c] = 0;
   for (int base = lane; base < chunks; base += 32 * U) {
     CodeSteps<CH, U> next;
-    if (base + 32 * U < chunks) next.load(qweight, s2, zp, channel, base + 32 * U, chunks, groups, group);
+    if (base + 32 * U < chunks) next.load(qweight, s2, zp, channel, base + 32 * U, chunks, groups, group_of);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int chunk = base + 32 * u;

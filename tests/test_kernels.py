@@ -110,10 +110,12 @@ def test_unpack_is_exact(n, k, group):
 
 @gpu
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,k,group", [(576, 576, 64), (200, 1536, 64), (4096, 4096, 128), (256, 11008, 128)])
+@pytest.mark.parametrize("n,k,group", [(576, 576, 64), (200, 1536, 64), (4096, 4096, 128), (256, 11008, 128),
+                                     (200, 576, 96), (256, 1536, 32)])
 def test_gemv_is_bit_exact(out_dtype, n, k, group):
     """N not a multiple of a block's channels, K = 576 (18 of 32 lanes busy) and 11008 (several
-    batches of steps in flight), every channels-per-warp configuration."""
+    batches of steps in flight), groups of 3 and 1 code words (the multiply-high group index),
+    every channels-per-warp configuration."""
     from dgqtool.kernels import runtime
 
     lib = _library()
@@ -127,10 +129,12 @@ def test_gemv_is_bit_exact(out_dtype, n, k, group):
 
 @gpu
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,k,group", [(576, 576, 64), (200, 1536, 64), (4096, 4096, 128), (256, 11008, 128)])
+@pytest.mark.parametrize("n,k,group", [(576, 576, 64), (200, 1536, 64), (4096, 4096, 128), (256, 11008, 128),
+                                     (200, 576, 96), (256, 1536, 32)])
 def test_tensor_core_kernel_is_bit_exact(out_dtype, n, k, group):
     """Ragged M (token tiles of 8..64 plus a second block row), N not a multiple of the channel
-    tile, K with a partial 128-feature step (576), every configuration."""
+    tile, K with a partial 128-feature step (576), groups of 3 and 1 code words, every
+    configuration."""
     from dgqtool.kernels import runtime
 
     lib = _library()
