@@ -249,7 +249,7 @@ __device__ float row_scale(const In* __restrict__ row, const float* __restrict__
   return reduce[0];
 }
 
-// q may point to global or shared memory.
+// Writes the row's int8 codes with the scale row_scale returned.
 template <typename In>
 __device__ void quantize_row(const In* __restrict__ row, int8_t* __restrict__ q, float s, int k) {
   constexpr int VEC = 16 / sizeof(In);
@@ -281,8 +281,8 @@ __global__ void quantize_rows_kernel(const In* __restrict__ x, int8_t* __restric
 // Decode GEMV for one token. At decode sizes the kernel is bound by the bytes it keeps in flight
 // (Nsight Compute on the H100: ~2 blocks and 3.5 warps per scheduler, stalls mostly on global
 // loads), so every lane keeps U steps of codes in flight: the first U are issued before the kernel
-// waits for the activation quantization it overlaps (programmatic dependent launch) -- all of the
-// weight for K = 4096 -- and each next U before the current ones are converted. A warp owns CH
+// waits for the activation quantization it overlaps (programmatic dependent launch) -- with U = 4,
+// all of a row's codes for K = 4096 -- and each next U before the current ones are converted. A warp owns CH
 // output channels; lane i takes 32 features (one 16-byte word of codes) per channel per step,
 // converts them in registers and accumulates with dp4a against the int8 token, whose bytes are
 // permuted to the even/odd feature order of the converted words.
