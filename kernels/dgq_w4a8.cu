@@ -224,68 +224,61 @@ __global__ void __launch_bounds__(MAX_THREADS) mma_kernel(const uint4* __restric
 
 // Per-token (static_scale == nullptr) or static per-tensor symmetric int8, bit-identical to
 // dgqtool.quant.quantizer: scale = max(amax * (1/127), 1e-8), q = clamp(rint(x / scale), -127, 127).
-// A block owns a row; VEC elements per 16-byte load; the row is read twice (the second time from
-// L1/L2). `reduce` is 32 floats of shared memory.
+// VEC elements per 16-byte load; the row is read twice (the second time from L1/L2).
 template <typename In>
-__device__ float row_scale(const In* __restrict__ row, const float* __restrict__ static_scale, int k, float* reduce) {
+__global__ void quantize_rows_kernel(const In* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale,
+                                     const float* __restrict__ static_scale, int k) {
   constexpr int VEC = 16 / sizeof(In);
-  if (static_scale != nullptr) return static_scale[0];
-  float amax = 0.f;
-  for (int v = threadIdx.x; v < k / VEC; v += blockDim.x) {
-    const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
-    const In* e = reinterpret_cast<const In*>(&raw);
+  allow_dependents();
+  const In* row = x + static_cast<int64_t>(blockIdx.x) * k;
+  int8_t* qrow = q + static_cast<int64_t>(blockIdx.x) * k;
+  const int vectors = k / VEC;
+  __shared__ float warp_max[32];
+  float s;
+  if (static_scale == nullptr) {
+    float amax = 0.f;
+    for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
+      const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
+      const In* e = reinterpret_cast<const In*>(&raw);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
-  }
-  for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-  if ((threadIdx.x & 31) == 0) reduce[threadIdx.x / 32] = amax;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    amax = threadIdx.x < blockDim.x / 32 ? reduce[threadIdx.x] : 0.f;
+      for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
+    }
     for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-    if (threadIdx.x == 0) reduce[0] = fmaxf(amax * (1.0f / 127.f), 1e-8f);
+    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = amax;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      amax = threadIdx.x < blockDim.x / 32 ? warp_max[threadIdx.x] : 0.f;
+      for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+      if (threadIdx.x == 0) warp_max[0] = fmaxf(amax * (1.0f / 127.f), 1e-8f);
+    }
+    __syncthreads();
+    s = warp_max[0];
+  } else {
+    s = static_scale[0];
   }
-  __syncthreads();
-  return reduce[0];
-}
-
-// Writes the row's int8 codes with the scale row_scale returned.
-template <typename In>
-__device__ void quantize_row(const In* __restrict__ row, int8_t* __restrict__ q, float s, int k) {
-  constexpr int VEC = 16 / sizeof(In);
-  for (int v = threadIdx.x; v < k / VEC; v += blockDim.x) {
+  if (threadIdx.x == 0) scale[blockIdx.x] = s;
+  for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
     const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
     const In* e = reinterpret_cast<const In*>(&raw);
     int8_t out[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) out[j] = static_cast<int8_t>(fminf(fmaxf(rintf(__fdiv_rn(to_float(e[j]), s)), -127.f), 127.f));
     if constexpr (VEC == 8) {
-      reinterpret_cast<uint2*>(q)[v] = *reinterpret_cast<const uint2*>(out);
+      reinterpret_cast<uint2*>(qrow)[v] = *reinterpret_cast<const uint2*>(out);
     } else {
-      reinterpret_cast<uint32_t*>(q)[v] = *reinterpret_cast<const uint32_t*>(out);
+      reinterpret_cast<uint32_t*>(qrow)[v] = *reinterpret_cast<const uint32_t*>(out);
     }
   }
-}
-
-template <typename In>
-__global__ void quantize_rows_kernel(const In* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale,
-                                     const float* __restrict__ static_scale, int k) {
-  allow_dependents();
-  __shared__ float reduce[32];
-  const In* row = x + static_cast<int64_t>(blockIdx.x) * k;
-  const float s = row_scale(row, static_scale, k, reduce);
-  if (threadIdx.x == 0) scale[blockIdx.x] = s;
-  quantize_row(row, q + static_cast<int64_t>(blockIdx.x) * k, s, k);
 }
 
 // Decode GEMV for one token. At decode sizes the kernel is bound by the bytes it keeps in flight
 // (Nsight Compute on the H100: ~2 blocks and 3.5 warps per scheduler, stalls mostly on global
 // loads), so every lane keeps U steps of codes in flight: the first U are issued before the kernel
 // waits for the activation quantization it overlaps (programmatic dependent launch) -- with U = 4,
-// all of a row's codes for K = 4096 -- and each next U before the current ones are converted. A warp owns CH
-// output channels; lane i takes 32 features (one 16-byte word of codes) per channel per step,
-// converts them in registers and accumulates with dp4a against the int8 token, whose bytes are
-// permuted to the even/odd feature order of the converted words.
+// all of a row's codes for K = 4096 -- and each next U before the current ones are converted. A
+// warp owns CH output channels; lane i takes 32 features (one 16-byte word of codes) per channel
+// per step, converts them in registers and accumulates with dp4a against the int8 token, whose
+// bytes are permuted to the even/odd feature order of the converted words.
 template <int CH, int U>
 struct CodeSteps {
   uint4 q[U][CH];
@@ -297,14 +290,14 @@ struct CodeSteps {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int chunk = first_chunk + 32 * u;
+      if (chunk >= chunks) continue;
+      const int gi = group_of(chunk);
 #pragma unroll
       for (int c = 0; c < CH; ++c) {
-        if (chunk < chunks) {
-          q[u][c] = __ldg(qweight + static_cast<int64_t>(channel[c]) * chunks + chunk);
-          const int sg = channel[c] * groups + group_of(chunk);
-          scale[u][c] = static_cast<uint32_t>(s2[sg]);
-          cst[u][c] = group_constant(s2[sg], zp[sg]);
-        }
+        q[u][c] = __ldg(qweight + static_cast<int64_t>(channel[c]) * chunks + chunk);
+        const int sg = channel[c] * groups + gi;
+        scale[u][c] = static_cast<uint32_t>(s2[sg]);
+        cst[u][c] = group_constant(s2[sg], zp[sg]);
       }
     }
   }

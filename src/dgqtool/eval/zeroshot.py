@@ -138,7 +138,7 @@ def _mmlu_score(out: dict) -> dict:
 
 def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None, batch_size: int, data_dir: str | None) -> dict:
     """{task: {"acc": ..., "acc_norm": ... (when lm-eval reports it), "samples": n}}."""
-    unknown = [t for t in tasks if t not in TASKS and t != "mmlu"]
+    unknown = [t for t in tasks if t not in TASK_NAMES]
     if unknown:
         raise DGQError(f"unknown zero-shot task {unknown[0]}; tasks: {', '.join(TASK_NAMES)}")
     try:

@@ -36,14 +36,14 @@ MMA_MAX_ROWS = 64
 MMA_DEFAULT = (1, 8)
 MMA_CONFIGS = [(1, 4), (1, 8), (2, 4), (2, 8)]
 MMA_WIDE = (1, 16)  # 16 warps per block: built for up to 16 tokens only (register cap)
+_OUT_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
+_IN_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+_ERRORS = {1: "shape not supported", 2: "workspace too small", 3: "CUDA launch failed"}
 
 
 def mma_configs(m: int) -> list[tuple[int, int]]:
     """The tensor-core kernel's configurations for M tokens."""
     return MMA_CONFIGS + [MMA_WIDE] if m <= 16 else MMA_CONFIGS
-_OUT_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
-_IN_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
-_ERRORS = {1: "shape not supported", 2: "workspace too small", 3: "CUDA launch failed"}
 
 
 def arch_of(device: torch.device) -> str:
@@ -193,7 +193,7 @@ def mma(lib: KernelLibrary, x_q, s_x, qweight, s2, zero, s1, group: int, out_dty
 def choose_path(lib: KernelLibrary, m: int, n: int, k: int) -> tuple[str, tuple[int, int] | None]:
     """("gemv" | "mma" | "gemm", its configuration) for an M x N x K problem."""
     tuned = lib.paths.get(f"{_bucket(m)},{n},{k}")
-    if tuned is not None and (tuned[0] != "gemv" or m == 1):
+    if tuned is not None and (tuned[0] != "gemv" or m == 1):  # the GEMV takes one token only
         return tuned[0], tuple(tuned[1]) if len(tuned) > 1 else None
     if m == 1:
         return "gemv", GEMV_DEFAULT
