@@ -222,16 +222,43 @@ __global__ void __launch_bounds__(MAX_THREADS) mma_kernel(const uint4* __restric
   }
 }
 
+// The fused wgmma kernel's activation order (dgq_wgmma_sm90.cuh): within each 128-feature block,
+// feature 32t + 8j + 2i + e sits at 32j + 16e + 4t + i, so the tokens in shared memory match the
+// k slots of the converted weight words; rows are padded with zeros to a multiple of 128. A group
+// of 8 features 8u..8u+7 (one t, j) lands as two 4-byte words: evens at `base`, odds at base + 16.
+__device__ __forceinline__ int permuted_base(int f0) {
+  const int within = f0 & 127;
+  return (f0 & ~127) + 32 * ((within >> 3) & 3) + 4 * (within >> 5);
+}
+
+__device__ __forceinline__ void store_permuted(int8_t* qrow, int f0, uint32_t lo, uint32_t hi) {
+  const int base = permuted_base(f0);  // lo: features f0..f0+3, hi: f0+4..f0+7 (little-endian bytes)
+  *reinterpret_cast<uint32_t*>(qrow + base) = __byte_perm(lo, hi, 0x6420);
+  *reinterpret_cast<uint32_t*>(qrow + base + 16) = __byte_perm(lo, hi, 0x7531);
+}
+
+// Natural int8 rows (m, k) -> the permuted, zero-padded order (m, k_pad); one thread per 8 features.
+__global__ void permute_s8_kernel(const int8_t* __restrict__ x, int8_t* __restrict__ y, int m, int k, int k_pad) {
+  const int units = k_pad / 8;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<int64_t>(m) * units) return;
+  const int r = static_cast<int>(i / units), f0 = static_cast<int>(i % units) * 8;
+  uint2 v = make_uint2(0, 0);
+  if (f0 < k) v = *reinterpret_cast<const uint2*>(x + static_cast<int64_t>(r) * k + f0);
+  store_permuted(y + static_cast<int64_t>(r) * k_pad, f0, v.x, v.y);
+}
+
 // Per-token (static_scale == nullptr) or static per-tensor symmetric int8, bit-identical to
 // dgqtool.quant.quantizer: scale = max(amax * (1/127), 1e-8), q = clamp(rint(x / scale), -127, 127).
-// VEC elements per 16-byte load; the row is read twice (the second time from L1/L2).
-template <typename In>
+// VEC elements per 16-byte load; the row is read twice (the second time from L1/L2). PERM: the
+// output in the wgmma kernel's order, rows of k_pad bytes.
+template <typename In, bool PERM = false>
 __global__ void quantize_rows_kernel(const In* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale,
-                                     const float* __restrict__ static_scale, int k) {
+                                     const float* __restrict__ static_scale, int k, int k_pad = 0) {
   constexpr int VEC = 16 / sizeof(In);
   allow_dependents();
   const In* row = x + static_cast<int64_t>(blockIdx.x) * k;
-  int8_t* qrow = q + static_cast<int64_t>(blockIdx.x) * k;
+  int8_t* qrow = q + static_cast<int64_t>(blockIdx.x) * (PERM ? k_pad : k);
   const int vectors = k / VEC;
   __shared__ float warp_max[32];
   float s;
@@ -257,16 +284,36 @@ __global__ void quantize_rows_kernel(const In* __restrict__ x, int8_t* __restric
     s = static_scale[0];
   }
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
-  for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
-    const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
-    const In* e = reinterpret_cast<const In*>(&raw);
-    int8_t out[VEC];
+  if constexpr (PERM) {
+    for (int u = threadIdx.x; u < k_pad / 8; u += blockDim.x) {
+      uint32_t word[2] = {0, 0};
+      if (8 * u < k) {
+        int8_t out[8];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = static_cast<int8_t>(fminf(fmaxf(rintf(__fdiv_rn(to_float(e[j]), s)), -127.f), 127.f));
-    if constexpr (VEC == 8) {
-      reinterpret_cast<uint2*>(qrow)[v] = *reinterpret_cast<const uint2*>(out);
-    } else {
-      reinterpret_cast<uint32_t*>(qrow)[v] = *reinterpret_cast<const uint32_t*>(out);
+        for (int h = 0; h < 8 / VEC; ++h) {
+          const uint4 raw = reinterpret_cast<const uint4*>(row)[u * (8 / VEC) + h];
+          const In* e = reinterpret_cast<const In*>(&raw);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j)
+            out[h * VEC + j] = static_cast<int8_t>(fminf(fmaxf(rintf(__fdiv_rn(to_float(e[j]), s)), -127.f), 127.f));
+        }
+        word[0] = *reinterpret_cast<const uint32_t*>(out);
+        word[1] = *reinterpret_cast<const uint32_t*>(out + 4);
+      }
+      store_permuted(qrow, 8 * u, word[0], word[1]);
+    }
+  } else {
+    for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
+      const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
+      const In* e = reinterpret_cast<const In*>(&raw);
+      int8_t out[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = static_cast<int8_t>(fminf(fmaxf(rintf(__fdiv_rn(to_float(e[j]), s)), -127.f), 127.f));
+      if constexpr (VEC == 8) {
+        reinterpret_cast<uint2*>(qrow)[v] = *reinterpret_cast<const uint2*>(out);
+      } else {
+        reinterpret_cast<uint32_t*>(qrow)[v] = *reinterpret_cast<const uint32_t*>(out);
+      }
     }
   }
 }
@@ -423,14 +470,15 @@ int mma_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, const
   return 1;
 }
 
-template <typename In>
+template <typename In, bool PERM = false>
 int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(In);
-  if (k % VEC) return 1;
+  if (k % VEC || (PERM && k % 32)) return 1;
   // Few rows (decode) leave most SMs idle, so a row's latency is the kernel's: give each thread
   // about one 16-byte load per pass. Many rows: fewer threads per row, more rows per SM.
   const int threads = m <= 64 ? min(1024, (k / VEC + 31) / 32 * 32) : (k >= 4096 ? 256 : 128);
-  quantize_rows_kernel<In><<<m, threads, 0, stream>>>(static_cast<const In*>(x), q, scale, static_scale, k);
+  quantize_rows_kernel<In, PERM><<<m, threads, 0, stream>>>(static_cast<const In*>(x), q, scale, static_scale, k,
+                                                            (k + 127) / 128 * 128);
   return cudaGetLastError() == cudaSuccess ? 0 : 3;
 }
 
@@ -485,4 +533,30 @@ extern "C" int dgq_quantize_rows_bf16(const void* x, int8_t* q, float* scale, co
 extern "C" int dgq_quantize_rows_f32(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k,
                                      cudaStream_t stream) {
   return quantize_rows<float>(x, q, scale, static_scale, m, k, stream);
+}
+
+// The same quantization, written in the fused wgmma kernel's permuted order, rows padded to a
+// multiple of 128 features with zeros (q is m x k_pad).
+extern "C" int dgq_quantize_rows_perm_f16(const void* x, int8_t* q, float* scale, const float* static_scale, int m,
+                                          int k, cudaStream_t stream) {
+  return quantize_rows<__half, true>(x, q, scale, static_scale, m, k, stream);
+}
+
+extern "C" int dgq_quantize_rows_perm_bf16(const void* x, int8_t* q, float* scale, const float* static_scale, int m,
+                                           int k, cudaStream_t stream) {
+  return quantize_rows<__nv_bfloat16, true>(x, q, scale, static_scale, m, k, stream);
+}
+
+extern "C" int dgq_quantize_rows_perm_f32(const void* x, int8_t* q, float* scale, const float* static_scale, int m,
+                                          int k, cudaStream_t stream) {
+  return quantize_rows<float, true>(x, q, scale, static_scale, m, k, stream);
+}
+
+// Natural int8 activations (m, k) -> the permuted order (m, k_pad) (tests, benchmarks).
+extern "C" int dgq_permute_s8(const int8_t* x, int8_t* y, int m, int k, cudaStream_t stream) {
+  if (k % 32 || m < 1) return 1;
+  const int k_pad = (k + 127) / 128 * 128;
+  const int64_t threads = static_cast<int64_t>(m) * (k_pad / 8);
+  permute_s8_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(x, y, m, k, k_pad);
+  return cudaGetLastError() == cudaSuccess ? 0 : 3;
 }

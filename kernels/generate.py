@@ -169,6 +169,70 @@ def emit_sm80_variant(variant: Sm80Variant, out: str) -> str:
                                 tm=tm, tn=tn, tk=tk, wm=wm, wn=wn, wk=wk, stages=tile.stages, out_type=out_type)
 
 
+@dataclass(frozen=True)
+class WgmmaVariant:
+    """One instantiation of the fused register-sourced wgmma W4A8 kernel (dgq_wgmma_sm90.cuh):
+    MT m64 tiles per consumer warpgroup (block = 128 * MT channels), BN tokens (wgmma N), STAGES
+    pipeline stages. Split-K is a launch argument, not an instantiation."""
+
+    mt: int
+    bn: int
+    stages: int
+
+    @property
+    def name(self) -> str:
+        return f"w{128 * self.mt}x{self.bn}_s{self.stages}"
+
+
+WGMMA_VARIANTS = (
+    WgmmaVariant(1, 64, 8),
+    WgmmaVariant(1, 128, 6),
+    WgmmaVariant(1, 256, 4),
+    WgmmaVariant(2, 128, 4),
+)
+WGMMA_OUT = {"f16": "__half", "bf16": "__nv_bfloat16"}
+WGMMA_NS = sorted({v.bn for v in WGMMA_VARIANTS})
+
+WGMMA_INSTANCE = """
+extern "C" int dgq_wgmma_{name}_{out}(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1,
+                                    const int8_t* x_p, const float* s_x, void* out, int* partials, int* counters,
+                                    int m, int n, int k, int group, int splits, cudaStream_t stream) {{
+  return dgq_wgmma::launch<{mt}, {bn}, {stages}, {out_type}>(qweight, s2, zp, s1, x_p, s_x, out, partials, counters,
+                                                              m, n, k, group, splits, stream);
+}}
+"""
+
+
+def emit_wgmma_ops(ns=WGMMA_NS) -> str:
+    """WgmmaRS<N>::mma: wgmma.mma_async m64nNk32 s8 x s8 -> s32, A from four registers, B from a
+    shared-memory descriptor, accumulating into N / 2 registers (one asm operand list per N)."""
+    out = ["// Emitted by kernels/generate.py: register-A int8 wgmma per N.", "#pragma once", "#include <cstdint>",
+           "namespace dgq_wgmma {", "template <int N> struct WgmmaRS;"]
+    for n in ns:
+        regs = n // 2
+        d = ", ".join(f"%{i}" for i in range(regs))
+        a = ", ".join(f"%{regs + i}" for i in range(4))
+        outs = ", ".join(f'"+r"(d[{i}])' for i in range(regs))
+        out.append(
+            f"template <> struct WgmmaRS<{n}> {{\n"
+            f"  __device__ __forceinline__ static void mma(int (&d)[{regs}], uint32_t a0, uint32_t a1, uint32_t a2,\n"
+            f"                                             uint32_t a3, uint64_t desc) {{\n"
+            f'    asm volatile("wgmma.mma_async.sync.aligned.m64n{n}k32.s32.s8.s8 {{{d}}}, {{{a}}}, %{regs + 4}, 1;\\n"\n'
+            f"                 : {outs}\n"
+            f'                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));\n'
+            f"  }}\n}};")
+    out.append("}  // namespace dgq_wgmma")
+    return "\n".join(out) + "\n"
+
+
+def emit_wgmma_variant(variant: WgmmaVariant) -> str:
+    body = ['#include "dgq_wgmma_sm90.cuh"']
+    for out, out_type in WGMMA_OUT.items():
+        body.append(WGMMA_INSTANCE.format(name=variant.name, out=out, mt=variant.mt, bn=variant.bn,
+                                          stages=variant.stages, out_type=out_type))
+    return "\n".join(body)
+
+
 def generate(out_dir: Path, arch: str = "sm_90a") -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     sm90 = arch.startswith("sm_90")
@@ -179,6 +243,12 @@ def generate(out_dir: Path, arch: str = "sm_90a") -> list[dict]:
             (out_dir / f"gemm_{variant.name}_{out}.cu").write_text(source)
         table.append({"name": variant.name, **asdict(variant)})
     (out_dir / "variants.json").write_text(json.dumps(table, indent=1))
+    if sm90:
+        (out_dir / "wgmma_ops.cuh").write_text(emit_wgmma_ops())
+        for variant in WGMMA_VARIANTS:
+            (out_dir / f"wgmma_{variant.name}.cu").write_text(emit_wgmma_variant(variant))
+        (out_dir / "wgmma_variants.json").write_text(json.dumps(
+            [{"name": v.name, **asdict(v)} for v in WGMMA_VARIANTS], indent=1))
     return table
 
 

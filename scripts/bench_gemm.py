@@ -4,15 +4,17 @@ For Llama-2-7B linear shapes and M from decode to long prefill it times, in micr
 CUDA-graph replays, weights rotating over several copies so L2 cannot hold them):
   dgq      the whole DGQ linear from fp16 activations as the runtime dispatches it: per-token int8
            quantization kernel, then the path chosen for (M, N, K);
-  gemv / mma / unpack+gemm   the three GEMM paths alone on int8 activations: the dp4a GEMV
-           (M = 1), the fused tensor-core kernel (M <= 1024; both the best of their configurations),
-           and the int4 -> int8 expansion + CUTLASS sm90 GEMM;
+  gemv / mma / wgmma / unpack+gemm   the GEMM paths alone on int8 activations: the dp4a GEMV
+           (M = 1), the fused mma.sync kernel (M <= 1024), the fused register-A wgmma kernel (sm90,
+           M >= 16; each the best of its configurations, split-K included), and the int4 -> int8
+           expansion + CUTLASS sm90 GEMM;
   quantize the per-token int8 activation quantization kernel alone (part of dgq);
   int8     cuBLAS int8 torch._int_mm (M padded to 17, its minimum) -- no scales, no quantization;
   bf16     cuBLAS bf16 matmul;
   fp8      torch._scaled_mm, e4m3 with row-wise scales;
   a16w4    tinygemm torch._weight_int4pack_mm (bf16 activations, 4-bit weights, group 128);
-  bound    the 4-bit weight-streaming time: bytes of codes + S2 + zp + s1 / measured copy bandwidth.
+  bound    the 4-bit weight-streaming time: bytes of codes + S2 + zp + s1 / measured copy bandwidth
+           (a plain 4 GiB device-to-device copy timed with CUDA events, read + write counted).
 It prints ratios baseline / dgq (> 1: DGQ faster) and writes gemm.json, gemm.md and gemm.png.
 --tune also times every emitted GEMM variant and every path per (M bucket, N, K) and writes the
 choices into tuned_sm90.json (copy it to kernels/), which the runtime reads.
@@ -36,6 +38,8 @@ ROWS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 GROUP = 128
 COPIES = 6
 MMA_ROWS = 1024  # the tensor-core kernel is timed up to here
+WGMMA_MIN_ROWS = 16  # the fused wgmma kernel is timed from here
+SPLITS = (1, 2, 3, 4, 6, 8)  # split-K candidates where a shape has fewer blocks than SMs
 
 
 def bench(fn, iters: int = 20, calls: int = 12) -> float:
@@ -60,12 +64,37 @@ def bench(fn, iters: int = 20, calls: int = 12) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def copy_bandwidth(dev) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), the streaming ceiling."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+def copy_bandwidth(dev, gib: int = 4) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), the streaming ceiling: one plain
+    copy of `gib` GiB timed with CUDA events, median of 10. (Two 1 GiB copies replayed from a CUDA
+    graph read 2.76 TB/s on the H200, where this reads ~4.3: the graph's copy nodes are slower.)"""
+    x = torch.empty(gib << 30, dtype=torch.uint8, device=dev)
     y = torch.empty_like(x)
-    seconds = bench(lambda: y.copy_(x), iters=10, calls=2) * 1e-6
-    return 2 * x.numel() / seconds
+    y.copy_(x)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * (gib << 30) / sorted(times)[len(times) // 2]
+
+
+def wgmma_configs(lib, m: int, n: int, k: int, sms: int) -> list[tuple[int, int, int, int]]:
+    """Every instantiated wgmma tile, with the split-K counts that keep the grid within ~2 waves."""
+    configs = []
+    for bm, bn, stages in lib.wgmma_variants:
+        if bn > 64 and m <= 32 or bn > 128 and m <= 64:
+            continue  # a block mostly of padding tokens
+        tiles = -(-n // bm) * -(-m // bn)
+        for splits in SPLITS:
+            if splits == 1 or tiles * splits <= 2 * sms and k // 128 >= 4 * splits:
+                configs.append((bm, bn, stages, splits))
+    return configs
 
 
 class Rotation:
@@ -144,6 +173,15 @@ def measure_shape(lib, shape: str, n: int, k: int, rows: list[int], bandwidth: f
                 for c in runtime.mma_configs(m)}
             best = min(row["mma_configs_us"], key=row["mma_configs_us"].get)
             row["mma_us"], row["mma_config"] = row["mma_configs_us"][best], best
+        if lib.wgmma_variants and m >= WGMMA_MIN_ROWS:
+            x_p = runtime.permute_s8(lib, x_q)
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            row["wgmma_configs_us"] = {"x".join(map(str, c)): bench(
+                lambda c=c: runtime.wgmma_permuted(lib, x_p, s_x, *dgq_w.next(), GROUP, torch.float16, c))
+                for c in wgmma_configs(lib, m, n, k, sms)}
+            best = min(row["wgmma_configs_us"], key=row["wgmma_configs_us"].get)
+            row["wgmma_us"], row["wgmma_config"] = row["wgmma_configs_us"][best], best
+            row["quantize_perm_us"] = bench(lambda: runtime.quantize_rows_permuted(lib, x))
         if tune and lib.gemm_variants and m > 16:
             w_s8 = runtime.unpack_s8(lib, *dgq_w.next()[:3], GROUP)
             times = {v: bench(lambda v=v: runtime.int8_gemm(lib, x_q, s_x, w_s8, packed[0][3], torch.float16, v))
@@ -152,7 +190,10 @@ def measure_shape(lib, shape: str, n: int, k: int, rows: list[int], bandwidth: f
             row["variants_us"] = times
         if tune:
             # unpack+gemm was timed with the previous table's variant; tuning re-times the winner below
-            candidates = {"gemm": row["unpack_gemm_us"], "gemv": row.get("gemv_us"), "mma": row.get("mma_us")}
+            # the wgmma path's activation quantization (permuted order) is timed apart from the others'
+            wg = row.get("wgmma_us")
+            candidates = {"gemm": row["unpack_gemm_us"], "gemv": row.get("gemv_us"), "mma": row.get("mma_us"),
+                          "wgmma": None if wg is None else wg + row["quantize_perm_us"] - row["quantize_us"]}
             path = min((p for p in candidates if candidates[p] is not None), key=candidates.get)
             config = row.get(f"{path}_config")
             paths[key] = [path, [int(v) for v in config.split("x")]] if config else [path]
@@ -165,8 +206,10 @@ def measure_shape(lib, shape: str, n: int, k: int, rows: list[int], bandwidth: f
                 row[f"{base}_over_dgq"] = row[f"{base}_us"] / row["dgq_us"]
         row["bound_fraction"] = row["bound_us"] / row["dgq_us"]
         results.append(row)
-        print(f"{shape:8s} M={m:5d}  dgq {row['dgq_us']:7.1f}  gemv {row.get('gemv_us', 0):7.1f}  "
-              f"mma {row.get('mma_us', 0):7.1f} ({row.get('mma_config', '-')})  unpack+gemm {row['unpack_gemm_us']:7.1f}  "
+        row["path"] = runtime.choose_path(lib, m, n, k)[0]
+        print(f"{shape:8s} M={m:5d}  dgq {row['dgq_us']:7.1f} ({row['path']})  gemv {row.get('gemv_us', 0):7.1f}  "
+              f"mma {row.get('mma_us', 0):7.1f} ({row.get('mma_config', '-')})  "
+              f"wgmma {row.get('wgmma_us', 0):7.1f} ({row.get('wgmma_config', '-')})  unpack+gemm {row['unpack_gemm_us']:7.1f}  "
               f"int8 {row['int8_us']:7.1f}  bf16 {row['bf16_us']:7.1f}  fp8 {row['fp8_us']:7.1f}  "
               f"a16w4 {row.get('a16w4_us', 0):7.1f}  bound {row['bound_us']:6.1f} us   x int8 {row['int8_over_dgq']:.2f}  "
               f"x bf16 {row['bf16_over_dgq']:.2f}  x fp8 {row['fp8_over_dgq']:.2f}", flush=True)
@@ -178,12 +221,14 @@ def _cell(row: dict, key: str, fmt: str = "{:.1f}") -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| shape (N×K) | M | DGQ linear µs | path µs: GEMV / mma / unpack+GEMM | quant µs | int8 µs | bf16 µs "
+    lines = ["| shape (N×K) | M | DGQ linear µs | path | path µs: GEMV / mma / wgmma / unpack+GEMM | wgmma config "
+             "| quant µs | int8 µs | bf16 µs "
              "| fp8 µs | A16W4 µs | int8/DGQ | bf16/DGQ | fp8/DGQ | A16W4/DGQ | bound/DGQ |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} {r['N']}×{r['K']} | {r['M']} | {r['dgq_us']:.1f} | {_cell(r, 'gemv_us')} / "
-                     f"{_cell(r, 'mma_us')} / {r['unpack_gemm_us']:.1f} | {r['quantize_us']:.1f} | {r['int8_us']:.1f} | {r['bf16_us']:.1f} | "
+        lines.append(f"| {r['shape']} {r['N']}×{r['K']} | {r['M']} | {r['dgq_us']:.1f} | {r.get('path', '–')} | "
+                     f"{_cell(r, 'gemv_us')} / {_cell(r, 'mma_us')} / {_cell(r, 'wgmma_us')} / {r['unpack_gemm_us']:.1f} | "
+                     f"{r.get('wgmma_config', '–')} | {r['quantize_us']:.1f} | {r['int8_us']:.1f} | {r['bf16_us']:.1f} | "
                      f"{r['fp8_us']:.1f} | {_cell(r, 'a16w4_us')} | {r['int8_over_dgq']:.2f} | {r['bf16_over_dgq']:.2f} | "
                      f"{r['fp8_over_dgq']:.2f} | {_cell(r, 'a16w4_over_dgq', '{:.2f}')} | {r['bound_fraction']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -242,8 +287,13 @@ def main() -> None:
     print(table)
     plot(rows, args.out / "gemm.png")
     if args.tune:
+        # rows and shapes not re-measured keep their previous entries
+        previous = json.loads((build.source_dir() / "tuned_sm90.json").read_text())
+        variants = {**previous.get("choice", {}), **variants}
+        paths = {**previous.get("paths", {}), **paths}
         tuned = {"device": name, "note": "per (M bucket, N, K): fastest emitted GEMM variant (choice) and fastest path "
-                 "(paths: gemv [channels per warp, steps in flight] | mma [channel tiles, warps] | gemm); scripts/bench_gemm.py --tune",
+                 "(paths: gemv [channels per warp, steps in flight] | mma [channel tiles, warps] | "
+                 "wgmma [block channels, block tokens, stages, splits] | gemm); scripts/bench_gemm.py --tune",
                  "choice": variants, "paths": paths}
         (args.out / "tuned_sm90.json").write_text(json.dumps(tuned, indent=1))
         print(f"tuning table: {args.out / 'tuned_sm90.json'} (copy to {build.source_dir() / 'tuned_sm90.json'})")

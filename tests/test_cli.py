@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from dgqtool.checkpoint import load_checkpoint
 from dgqtool.cli import app
 from dgqtool.nn.dgq_linear import DGQLinear, GroupW4A8Linear
-from dgqtool.pipeline import weight_from_tensors
+from dgqtool.stages.search import weight_from_tensors
 
 runner = CliRunner()
 SMALL = ["--nsamples", "4", "--seqlen", "64", "--group", "32"]
@@ -211,7 +211,7 @@ def test_bad_options_and_calibration_text(tiny_llama, tmp_path):
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\x00\x01\x02" * 100)
     assert_clean_error(dgq("quantize", tiny_llama, "-o", tmp_path / "o", "--calib-data", binary), "binary")
-    assert_clean_error(dgq("quantize", tiny_llama, "-o", tmp_path / "o", "--method", "gptq"), "--method must be one of")
+    assert_clean_error(dgq("quantize", tiny_llama, "-o", tmp_path / "o", "--method", "gptq"), "'gptq' is not one of")
     assert_clean_error(dgq("quantize", tiny_llama, "-o", tmp_path / "o", "--calib-data", tmp_path / "missing.txt"), "not found")
 
 

@@ -194,7 +194,7 @@ def test_full_or_read_only_disk_keeps_the_previous_checkpoint(code, reference_ru
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    result = runner.invoke(app, ["pack", "-w", str(tmp_path / "ckpt.work"), "-o", str(out)])
+    result = runner.invoke(app, ["pack", "-w", str(tmp_path / "ckpt.work"), "-o", str(out), "--force"])
     assert result.exit_code == 2 and os.strerror(code) in result.output, result.output
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

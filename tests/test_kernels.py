@@ -49,6 +49,13 @@ def test_generator_emits_every_variant_with_the_scale_epilogue(tmp_path, arch, m
         text = path.read_text()
         assert marker in text and "IGMMA" not in text
         assert "extern \"C\" int dgq_gemm_" in text
+    fused = sorted(tmp_path.glob("wgmma_*.cu"))
+    if arch == "sm_90a":  # the fused register-A wgmma kernel: one unit per tile, fp16 and bf16 entry points
+        ops = (tmp_path / "wgmma_ops.cuh").read_text()
+        assert fused and all(path.read_text().count("extern \"C\" int dgq_wgmma_") == 2 for path in fused)
+        assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ops
+    else:
+        assert not fused
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -63,6 +70,8 @@ def test_kernel_library_compiles(arch):
     assert "dgq_gemv_f16" in symbols and "dgq_unpack_s8" in symbols and "dgq_quantize_rows_bf16" in symbols
     assert "dgq_mma_bf16" in symbols
     assert ("dgq_gemm_co_128x256x128_c2x1_bf16" in symbols) == (arch == "sm_90a")
+    assert ("dgq_wgmma_w128x128_s6_bf16" in symbols) == (arch == "sm_90a")
+    assert "dgq_quantize_rows_perm_f16" in symbols and "dgq_permute_s8" in symbols
     assert ("dgq_gemm_a_128x128x64_s4_bf16" in symbols) == (arch == "sm_80")
 
 
@@ -206,6 +215,124 @@ def test_every_cutlass_variant_is_bit_exact(out_dtype):
             for variant in lib.gemm_variants:
                 out = runtime.int8_gemm(lib, x_q, s_x, w_s8, s1, out_dtype, variant)
                 assert torch.equal(out, ref), (variant, m, n, k)
+
+
+def _wgmma_library():
+    lib = _library()
+    if not lib.wgmma_variants:
+        pytest.skip("the fused wgmma kernel is built for sm_90a only")
+    return lib
+
+
+def _wgmma_configs(lib, m, n, k):
+    """Every instantiated tile with split-K off, at its default split and at 3 splits."""
+    from dgqtool.kernels import runtime
+
+    configs = []
+    for bm, bn, stages in lib.wgmma_variants:
+        for splits in {1, 3, runtime.wgmma_splits(m, n, k, bm, bn)}:
+            configs.append((bm, bn, stages, splits))
+    return configs
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [576, 4096])
+def test_permuted_quantization_matches_reference(dtype, k):
+    """The quantization kernel writing the wgmma order equals the reference, permuted by
+    dgq_permute_s8 (and padded with zeros to a multiple of 128 features)."""
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    x = (torch.randn(19, k, device="cuda") * torch.logspace(-2, 2, 19, device="cuda").unsqueeze(1)).to(dtype)
+    q, s = runtime.quantize_rows_permuted(lib, x)
+    q_ref, s_ref = quantize_per_token(x)
+    perm = runtime.permute_s8(lib, q_ref)
+    assert q.shape == (19, (k + 127) // 128 * 128) and torch.equal(s, s_ref) and torch.equal(q, perm)
+    # the permutation itself: feature 32t + 8j + 2i + e of a 128-block sits at 32j + 16e + 4t + i
+    f = torch.arange(128)
+    pos = 32 * ((f >> 3) & 3) + 16 * (f & 1) + 4 * (f >> 5) + ((f >> 1) & 3)
+    blocks = k // 128
+    natural = q_ref[:, : blocks * 128].reshape(19, blocks, 128)
+    assert torch.equal(perm[:, : blocks * 128].reshape(19, blocks, 128)[:, :, pos.cuda()], natural)
+    if k % 128:
+        assert perm[:, blocks * 128:].float().abs().sum() == (q_ref[:, blocks * 128:].float().abs().sum())
+
+
+@gpu
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,group", [(576, 576, 64), (200, 1536, 64), (4096, 4096, 128), (256, 11008, 128),
+                                     (300, 1536, 32), (136, 4160, 64)])
+def test_wgmma_kernel_is_bit_exact(out_dtype, n, k, group):
+    """Ragged M (1 .. 4097: partial token tiles, several token tiles), N not a multiple of the
+    128/256-channel block (200, 300, 136: the scalar store path too), K with a partial 128-feature
+    step (576, 4160) and K = 11008, groups of 32 / 64 / 128, every instantiated tile, split-K off,
+    at 3 splits and at the default."""
+    from dgqtool.kernels import runtime
+
+    lib = _wgmma_library()
+    w, qweight, s2, zero, s1 = _weight(n, k, group)
+    w_s8 = w.int8_weight().cuda()
+    for m in (1, 3, 17, 100, 1000, 4097):
+        x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+        s_x = torch.rand(m, 1, device="cuda") * 1e-2
+        ref = dual_scale_gemm(x_q, s_x, w_s8, s1, out_dtype)
+        x_p = runtime.permute_s8(lib, x_q)
+        for config in _wgmma_configs(lib, m, n, k):
+            out = runtime.wgmma_permuted(lib, x_p, s_x, qweight, s2, zero, s1, group, out_dtype, config)
+            assert torch.equal(out, ref), (m, config)
+
+
+@gpu
+def test_wgmma_integer_sums_are_exact():
+    """Extreme weights (S2 (code - zp) in {-105, 120}) and +-1 activations: int32 sums checked
+    exactly through fp16 (|sum| < 2048), split-K included."""
+    from dgqtool.kernels import runtime
+
+    lib = _wgmma_library()
+    n, k, group, m = 136, 4096, 128, 37
+    codes = torch.randint(0, 2, (n, k), dtype=torch.uint8) * 15
+    zero = torch.full((n, k // group), 7, dtype=torch.uint8)
+    s2 = torch.full((n, k // group), 15, dtype=torch.int8)
+    w = DualGrainedWeight(codes, zero, s2, torch.ones(n))
+    x_q = torch.zeros(m, k, dtype=torch.int8)
+    for row in x_q:
+        row[torch.randperm(k)[:16]] = torch.randint(0, 2, (16,), dtype=torch.int8) * 2 - 1
+    one = torch.ones(n, dtype=torch.float16, device="cuda")
+    acc = x_q.int() @ w.int8_weight().int().T
+    for config in _wgmma_configs(lib, m, n, k):
+        out = runtime.wgmma(lib, x_q.cuda(), torch.ones(m, 1, device="cuda"), pack_nibbles(codes).cuda(), s2.cuda(),
+                            zero.cuda(), one, group, torch.float16, config)
+        assert acc.abs().max() > 500 and torch.equal(out.cpu().int(), acc), config
+
+
+@gpu
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("static", [False, True])
+def test_dgq_linear_through_wgmma_equals_reference(out_dtype, static):
+    """The dispatched linear on the wgmma path (permuted quantization + fused kernel) for every
+    tuned wgmma configuration in kernels/tuned_sm90.json and the untuned default."""
+    from dgqtool.kernels import runtime
+
+    lib = _wgmma_library()
+    n, k, group = 576, 1536, 64
+    w, qweight, s2, zero, s1 = _weight(n, k, group)
+    w_s8 = w.int8_weight().cuda()
+    scale = torch.tensor([0.02], device="cuda") if static else None
+    tuned = {tuple(v[1]) for v in lib.paths.values() if v[0] == "wgmma"}
+    saved = dict(lib.paths)
+    try:
+        for m in (17, 100, 1000):
+            x = torch.randn(m, k, device="cuda", dtype=out_dtype)
+            x_q, s_x = quantize_per_tensor(x, scale) if static else quantize_per_token(x)
+            ref = dual_scale_gemm(x_q, s_x, w_s8, s1, out_dtype)
+            for config in sorted(tuned) + [runtime.wgmma_default(m, n, k)]:
+                lib.paths[f"{runtime._bucket(m)},{n},{k}"] = ["wgmma", list(config)]
+                assert runtime.choose_path(lib, m, n, k)[0] == "wgmma"
+                assert torch.equal(runtime.dgq_linear(lib, x, qweight, s2, zero, s1, group, scale), ref), (m, config)
+    finally:
+        lib.paths.clear()
+        lib.paths.update(saved)
 
 
 @gpu

@@ -3,7 +3,8 @@
 import torch
 
 from dgqtool.models.adapters import can_fold, decoder_layers
-from dgqtool.pipeline import apply_smoothing, input_key
+from dgqtool.stages.graph import input_key
+from dgqtool.stages.smooth import apply_smoothing
 from dgqtool.quant.smooth import cap_column_growth, percentile_scales, smoothquant_scales
 
 

@@ -5,7 +5,6 @@ scales, every other tensor as it was), the tokenizer files and a hash manifest."
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .artifacts import read_json, sha256_file, write_json, write_tensors
+from .artifacts import claim_output_dir, make_temp_dir, read_json, sha256_file, write_json, write_tensors
 from .errors import DGQError
 from .models.adapters import Adapter
 
@@ -63,18 +62,20 @@ def write_checkpoint(model: nn.Module, tokenizer, qconfig: dict, out: Path, forc
 
 
 def write_checkpoint_dir(out: Path, force: bool, contents: Callable[[Path], dict[str, str]]) -> dict:
-    """Let `contents` fill a directory next to `out` (returning file -> sha256), add the manifest and
-    rename it into place, so `out` is complete or absent -- never half-written."""
-    if out.exists() and not force:
-        raise DGQError(f"output directory {out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    """Let `contents` fill a directory next to `out` (returning file -> sha256), add the manifest
+    (covering every file in it) and rename it into place, so `out` is complete or absent -- never
+    half-written. An existing `out` is replaced only if dgq wrote it (and `force`)."""
+    claim_output_dir(out, CHECKPOINT_MANIFEST, replace=force, protected={"the current directory": Path.cwd()})
+    tmp = make_temp_dir(out)
+    old = None
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is meant to be shared
-        manifest = {"tool_version": __version__, "files": contents(tmp)}
+        files = contents(tmp)
+        files.update({p.name: sha256_file(p) for p in tmp.iterdir() if p.is_file() and p.name not in files})
+        manifest = {"tool_version": __version__, "files": files}
         write_json(tmp / CHECKPOINT_MANIFEST, manifest)
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # empty or dgq's own (claimed above): move aside, publish, then delete
+            old = make_temp_dir(out)
+            out.rename(old / out.name)
         tmp.rename(out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,6 +83,9 @@ def write_checkpoint_dir(out: Path, force: bool, contents: Callable[[Path], dict
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -25,7 +26,7 @@ class Reporter:
     def task(self, description: str, total: int) -> Iterator["Step"]:
         if not self.bars:
             self.info(f"{description} ({total} steps)")
-            yield Step(None, None)
+            yield Step(None, None, lambda done, text: self.info(text), description, total)
             return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=False) as progress:
@@ -33,12 +34,21 @@ class Reporter:
 
 
 class Step:
-    def __init__(self, progress: Progress | None, task_id):
-        self.progress, self.task_id = progress, task_id
+    """One task's progress: a bar on a terminal; otherwise one line per step (CI logs), with the
+    elapsed time and an ETA, so a long stage never goes silent."""
+
+    def __init__(self, progress: Progress | None, task_id, log=None, description: str = "", total: int = 0):
+        self.progress, self.task_id, self.log = progress, task_id, log
+        self.description, self.total, self.done, self.start = description, total, 0, time.monotonic()
 
     def advance(self, description: str | None = None) -> None:
+        self.done += 1
         if self.progress is not None:
             self.progress.update(self.task_id, advance=1, **({"description": description} if description else {}))
+        elif self.log is not None:
+            elapsed = time.monotonic() - self.start
+            eta = elapsed / self.done * max(self.total - self.done, 0)
+            self.log(self.done, f"{description or self.description}: {self.done}/{self.total}, {elapsed:.1f} s, ETA {eta:.0f} s")
 
 
 class Silent(Reporter):

@@ -1,9 +1,12 @@
-"""The quantization recipe: every option of every stage, with defaults, validation and YAML configs."""
+"""The quantization recipe: ONE source of truth for every option of every stage — its type,
+choices, range, default (device-dependent where the paper's settings do not fit a CPU), help text
+and which commands take it. The CLI's options and YAML configs are both generated from it."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,41 +15,49 @@ from .quant.search import METHODS
 
 # Calibration size and phase-2 grid: the paper's on a GPU; on a 2-core CPU a small model must
 # quantize in minutes (phase 2 costs grid2 GEMMs of (o x h) x (h x h) per linear).
-GPU_DEFAULTS = {"nsamples": 128, "seqlen": 2048, "grid2": 80}
-CPU_DEFAULTS = {"nsamples": 8, "seqlen": 512, "grid2": 20}
+GPU_DEFAULTS = {"nsamples": 128, "seqlen": 2048, "grid2": 80, "dtype": "float16"}
+CPU_DEFAULTS = {"nsamples": 8, "seqlen": 512, "grid2": 20, "dtype": "float32"}
 
-CHOICES = {
-    "smooth": ("percentile", "smoothquant", "none"),
-    "method": METHODS,
-    "act": ("dynamic", "static"),
-    "objective": ("xhat", "x"),
-    "dtype": ("float32", "float16", "bfloat16"),
-}
+CALIBRATE, SMOOTH, SEARCH = "calibrate", "smooth", "search"
+LOADS_MODEL = (CALIBRATE, SEARCH)  # commands that read the float model
 
 
-@dataclass
+def _option(default: Any, help: str, commands: tuple[str, ...], choices: tuple | None = None,
+            low: float | None = None, high: float | None = None, open_low: bool = False) -> Any:
+    """A recipe field; `low`/`high` bound numbers (`open_low`: the bound itself is not allowed)."""
+    meta = {"help": help, "commands": commands, "choices": choices, "low": low, "high": high, "open_low": open_low}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
 class Recipe:
-    calib_data: str = "ptb"
-    data_dir: str | None = None
-    nsamples: int | None = None
-    seqlen: int | None = None
-    seed: int = 0
-    dtype: str | None = None
-    device: str = "auto"
-    batch_size: int = 4
-    trust_remote_code: bool = False
-    smooth: str = "percentile"
-    percentile: float = 0.5
-    alpha: float = 0.5
-    max_column_growth: float | None = None
-    method: str = "dgq"
-    group: int = 128
-    act: str = "dynamic"
-    grid1: int = 20
-    grid2: int | None = None
-    objective: str = "xhat"
-    refine: bool = False
-    gptq: bool = False
+    scheme: str = _option("w4a8", "Quantization scheme: 4-bit weights, 8-bit activations.", (SEARCH,), choices=("w4a8",))
+    calib_data: str = _option("ptb", "Calibration text: a local .txt/.json/.jsonl file, 'ptb', 'wikitext2', or a datasets name.", (CALIBRATE,))
+    data_dir: str | None = _option(None, "Local data directory (else $DGQ_DATA_DIR).", (CALIBRATE,))
+    nsamples: int | None = _option(None, "Calibration segments.", (CALIBRATE,), low=1, high=1_000_000)
+    seqlen: int | None = _option(None, "Tokens per calibration segment.", (CALIBRATE,), low=1, high=1_000_000)
+    seed: int = _option(0, "Seed of the calibration sampling.", (CALIBRATE,), low=0)
+    dtype: str | None = _option(None, "Float dtype the model is loaded in.", (CALIBRATE,), choices=("float32", "float16", "bfloat16"))
+    device: str = _option("auto", "auto | cpu | cuda[:N].", LOADS_MODEL)
+    batch_size: int = _option(4, "Calibration segments per forward.", LOADS_MODEL, low=1, high=1_000_000)
+    trust_remote_code: bool = _option(False, "Run model code shipped in the model directory (auto_map).", LOADS_MODEL)
+    allow_pickle: bool = _option(False, "Read pickle weights (pytorch_model.bin) when a model has no safetensors.", LOADS_MODEL)
+    smooth: str = _option("percentile", "Smoothing before the search.", (SMOOTH,), choices=("percentile", "smoothquant", "none"))
+    percentile: float = _option(0.5, "Eq. 7 clipping percentile, in %.", (SMOOTH,), low=0, high=100, open_low=True)
+    alpha: float = _option(0.5, "SmoothQuant migration strength.", (SMOOTH,), low=0, high=1)
+    max_column_growth: float | None = _option(
+        None, "Cap smoothing so no weight column exceeds G x the largest column max before it (percentile/smoothquant only).",
+        (SMOOTH,), low=0, open_low=True)
+    method: str = _option("dgq", "Weight quantizer.", (SEARCH,), choices=METHODS)
+    group: int = _option(128, "Weight group size.", (SEARCH,), low=1, high=1_000_000)
+    act: str = _option("dynamic", "Activation quantization: per token (dynamic) or one calibrated scale (static).", (SEARCH,),
+                       choices=("dynamic", "static"))
+    grid1: int = _option(20, "Phase-1 (group) clipping grid points.", (SEARCH,), low=1, high=10_000)
+    grid2: int | None = _option(None, "Phase-2 (channel) clipping grid points.", (SEARCH,), low=1, high=10_000)
+    objective: str = _option("xhat", "Search error on xhat (paper, int8 activations) or x (authors' code).", (SEARCH,),
+                             choices=("xhat", "x"))
+    refine: bool = _option(False, "DGQ phase 3 (ours): per-group floor/ceil of S2 and zp +-1.", (SEARCH,))
+    gptq: bool = _option(False, "Assign codes on the searched grid by GPTQ error feedback.", (SEARCH,))
 
     def with_overrides(self, **values: Any) -> "Recipe":
         """Copy with the options the user actually passed (None means not given)."""
@@ -54,49 +65,81 @@ class Recipe:
 
     def resolved(self, device: str) -> tuple["Recipe", list[str]]:
         """Fill device-dependent defaults; returns the recipe and notes to show the user."""
-        notes = []
         defaults = CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS
-        filled = {}
-        for key, value in defaults.items():
-            if getattr(self, key) is None:
-                filled[key] = value
-        if device == "cpu" and filled:
-            notes.append(
-                "CPU run: small defaults "
-                + ", ".join(f"--{k} {v}" for k, v in filled.items())
-                + " (the paper: 128 x 2048 tokens, 80 grid points; pass them to override)"
-            )
-        if self.dtype is None:
-            filled["dtype"] = "float32" if device == "cpu" else "float16"
+        filled = {key: value for key, value in defaults.items() if getattr(self, key) is None}
+        notes = []
+        shown = {k: v for k, v in filled.items() if k != "dtype"}
+        if device == "cpu" and shown:
+            notes.append("CPU run: small defaults " + ", ".join(f"--{k} {v}" for k, v in shown.items())
+                         + " (the paper: 128 x 2048 tokens, 80 grid points; pass them to override)")
         recipe = dataclasses.replace(self, **filled)
         recipe.validate()
         return recipe, notes
 
     def validate(self) -> None:
-        for key, allowed in CHOICES.items():
-            value = getattr(self, key)
-            if value is not None and value not in allowed:
-                raise DGQError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}; got '{value}'")
-        positive = {"nsamples": self.nsamples, "seqlen": self.seqlen, "batch_size": self.batch_size,
-                    "group": self.group, "grid1": self.grid1, "grid2": self.grid2}
-        for key, value in positive.items():
-            if value is not None and not 0 < value <= 1_000_000:
-                raise DGQError(f"--{key.replace('_', '-')} must be a positive integer (got {value})")
-        if not 0 < self.percentile < 100:
-            raise DGQError(f"--percentile must be in (0, 100); got {self.percentile}")
-        if not 0 <= self.alpha <= 1:
-            raise DGQError(f"--alpha must be in [0, 1]; got {self.alpha}")
-        if self.max_column_growth is not None and not self.max_column_growth > 0:
-            raise DGQError(f"--max-column-growth must be positive; got {self.max_column_growth}")
+        """Type and range of every field, so bad values fail before the first stage runs."""
+        for f in fields(self):
+            check_value(f, getattr(self, f.name))
+        if self.max_column_growth is not None and self.smooth == "none":
+            raise DGQError("--max-column-growth caps smoothing, but --smooth is none")
+        if self.max_column_growth is not None and self.act == "static":
+            raise DGQError("--max-column-growth is for dynamic activations (with --act static it breaks the model)")
 
     def subset(self, names: tuple[str, ...]) -> dict[str, Any]:
         return {name: getattr(self, name) for name in names}
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def value_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(python type, whether None is allowed) from the field's annotation."""
+    parts = [p.strip() for p in str(f.type).split("|")]
+    return {"int": int, "float": float, "bool": bool, "str": str}[parts[0]], "None" in parts
+
+
+def check_value(f: dataclasses.Field, value: Any) -> None:
+    kind, optional = value_type(f)
+    name, meta = flag(f.name), f.metadata
+    if value is None:
+        if optional:
+            return
+        raise DGQError(f"{name} needs a value ({kind.__name__}); got null")
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise DGQError(f"{name} must be {'true or false' if kind is bool else 'a' + ('n int' if kind is int else ' ' + kind.__name__)}; "
+                       f"got {value!r}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise DGQError(f"{name} must be one of {', '.join(meta['choices'])}; got '{value}'")
+    if kind in (int, float):
+        if not math.isfinite(value):
+            raise DGQError(f"{name} must be finite; got {value}")
+        low, high = meta["low"], meta["high"]
+        if (low is not None and (value < low or (meta["open_low"] and value == low))) or (high is not None and value > high):
+            bound = f"{'>' if meta['open_low'] else '>='} {low}" if high is None else f"in {'(' if meta['open_low'] else '['}{low}, {high}]"
+            raise DGQError(f"{name} must be {bound}; got {value}")
+
+
+def default_text(f: dataclasses.Field) -> str | None:
+    """The default as help shows it, device-dependent ones with both values."""
+    if f.name in GPU_DEFAULTS:
+        return f"GPU {GPU_DEFAULTS[f.name]}, CPU {CPU_DEFAULTS[f.name]}"
+    if f.default is None:
+        return "off" if f.name == "max_column_growth" else None
+    return str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+
+
+def options_for(command: str) -> list[dataclasses.Field]:
+    return [f for f in fields(Recipe) if command in f.metadata["commands"]]
+
+
 # Options that change each stage's result (and therefore its fingerprint).
 CALIBRATE_OPTIONS = ("calib_data", "nsamples", "seqlen", "seed", "dtype")
 SMOOTH_OPTIONS = ("smooth", "percentile", "alpha", "max_column_growth")
-SEARCH_OPTIONS = ("method", "group", "act", "grid1", "grid2", "objective", "refine", "gptq")
+SEARCH_OPTIONS = ("scheme", "method", "group", "act", "grid1", "grid2", "objective", "refine", "gptq")
 
 
 def load_config(path: str | None) -> Recipe:
@@ -109,16 +152,23 @@ def load_config(path: str | None) -> Recipe:
     if not file.is_file():
         raise DGQError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.safe_load(file.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise DGQError(f"{path} is not a UTF-8 text file") from None
     except yaml.YAMLError as exc:
-        raise DGQError(f"{path} is not valid YAML: {exc}") from None
+        raise DGQError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise DGQError(f"{path} must hold a mapping of options")
-    known = {f.name for f in fields(Recipe)}
+    known = {f.name: f for f in fields(Recipe)}
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise DGQError(f"{path}: unknown options {', '.join(unknown)}")
+    for name, value in values.items():
+        try:
+            check_value(known[name], value)
+        except DGQError as exc:
+            raise DGQError(f"{path}: {exc}") from None
     recipe = Recipe(**values)
     recipe.validate()
     return recipe

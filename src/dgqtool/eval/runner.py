@@ -8,6 +8,7 @@ from rich.table import Table
 
 from ..errors import DGQError
 from ..progress import Reporter
+from ..models.load import check_context_length
 from .data import PPL_TASKS, ppl_windows
 from .ppl import perplexity
 
@@ -49,6 +50,8 @@ def score_model(model, tokenizer, tasks: list[str], *, seqlen: int, limit: int |
                 data_dir: str | None, device: str, reporter: Reporter | None = None) -> dict:
     """Scores of an in-memory model: perplexity tasks first, then the zero-shot ones through lm-eval."""
     check_tasks(tasks)
+    if any(t in PPL_TASKS for t in tasks):
+        check_context_length(model, seqlen)
     scores = {}
     for task in (t for t in tasks if t in PPL_TASKS):
         windows = ppl_windows(task, tokenizer, seqlen, data_dir, limit)

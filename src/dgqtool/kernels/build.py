@@ -14,6 +14,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,27 @@ def _fingerprint(arch: str, src: Path, nvcc: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def _unit_key(unit: Path, dirs: list[Path], flags: list[str], version: str) -> str:
+    """Hash of a translation unit, the local headers it includes (transitively), flags and nvcc."""
+    digest = hashlib.sha256(version.encode() + " ".join(f for f in flags if not f.startswith("-I")).encode())
+    seen, todo = set(), [unit]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        text = path.read_bytes()
+        digest.update(path.name.encode() + text)
+        for name in re.findall(rb'#include "([^"]+)"', text):
+            for folder in dirs:
+                if (folder / name.decode()).is_file():
+                    todo.append(folder / name.decode())
+                    break
+    if any("cutlass" in f for f in flags):
+        digest.update(importlib.metadata.version("nvidia-cutlass").encode())
+    return digest.hexdigest()[:16]
+
+
 def library_path(arch: str) -> Path:
     nvcc = _nvcc()
     return cache_root() / f"{arch}-{_fingerprint(arch, source_dir(), nvcc)}" / LIBRARY_NAME
@@ -98,17 +120,31 @@ def build(arch: str, jobs: int | None = None, log=print) -> Path:
         includes = [f"-I{src}"]
         if uses_cutlass(arch):
             _generate(src, work, arch)
-            units += sorted(work.glob("gemm_*.cu"))
+            units += sorted(work.glob("gemm_*.cu")) + sorted(work.glob("wgmma_*.cu"))  # wgmma: sm90 only
             cutlass = _cutlass_source()
-            includes += [f"-I{cutlass / 'include'}", f"-I{cutlass / 'tools' / 'util' / 'include'}"]
+            includes += [f"-I{work}", f"-I{cutlass / 'include'}", f"-I{cutlass / 'tools' / 'util' / 'include'}"]
         flags = ["-std=c++17", "-O3", f"-arch={arch}", "--expt-relaxed-constexpr", "-DNDEBUG",
                  f"-DDGQ_PDL={int(arch.startswith('sm_90'))}", "-Xcompiler", "-fPIC", *includes]
 
+        objects_dir = cache_root() / "objects"
+        objects_dir.mkdir(parents=True, exist_ok=True)
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+
         def compile_unit(unit: Path) -> Path:
             obj = work / (unit.stem + ".o")
+            # an object is reused while its source, the headers it includes, the flags and nvcc match
+            # (editing one kernel recompiles that unit, not the CUTLASS GEMMs)
+            key = _unit_key(unit, [src, work], flags, version)
+            cached = objects_dir / f"{unit.stem}-{key}.o"
+            if cached.is_file():
+                shutil.copyfile(cached, obj)
+                return obj
             done = subprocess.run([nvcc, *flags, "-c", str(unit), "-o", str(obj)], capture_output=True, text=True)
             if done.returncode:
                 raise DGQError(f"nvcc failed on {unit.name} for {arch}:\n{done.stderr[-4000:]}")
+            partial = cached.with_suffix(f".{os.getpid()}.tmp")
+            shutil.copyfile(obj, partial)
+            partial.replace(cached)
             log(f"compiled {unit.name} ({arch})")
             return obj
 

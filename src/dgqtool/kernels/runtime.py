@@ -5,7 +5,10 @@ Dispatch of one DGQ linear on a CUDA tensor:
   * M = 1: the fused GEMV streams the 4-bit codes and converts them in registers (dp4a);
   * small and mid M: the fused tensor-core kernel converts the codes in registers into mma.sync's
     A operand (no int8 weight ever reaches memory);
-  * large M: the codes are expanded to the exact int8 weight (IMAD + XOR per 4 weights), then the
+  * sm90, mid and large M where it measured faster: the fused register-sourced wgmma kernel
+    (kernels/dgq_wgmma_sm90.cuh): the codes are converted in registers into wgmma's A operand, the
+    tokens (quantized straight into the kernel's permuted order) are B, split-K where tiles are few;
+  * otherwise at large M: the codes are expanded to the exact int8 weight (IMAD + XOR per 4 weights), then the
     CUTLASS-emitted GEMM with the s_x x s1 epilogue runs (sm90: TMA warp-specialized; sm80+:
     multistage with the 2.x visitor tree).
 The path and its tile configuration per (M bucket, N, K) come from kernels/tuned_sm90.json
@@ -36,6 +39,9 @@ MMA_MAX_ROWS = 64
 MMA_DEFAULT = (1, 8)
 MMA_CONFIGS = [(1, 4), (1, 8), (2, 4), (2, 8)]
 MMA_WIDE = (1, 16)  # 16 warps per block: built for up to 16 tokens only (register cap)
+# The fused wgmma kernel: (block channels, block tokens, stages, splits); the first three name an
+# instantiation (kernels/generate.py WGMMA_VARIANTS), splits is a launch argument (0: chosen here).
+WGMMA_COUNTERS = 1 << 16  # split-K tile counters per device (zero between launches)
 _OUT_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 _IN_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 _ERRORS = {1: "shape not supported", 2: "workspace too small", 3: "CUDA launch failed"}
@@ -61,6 +67,14 @@ class KernelLibrary:
             self._sig(f"dgq_mma_{suffix}", [ptr] * 7 + [i32] * 6 + [ptr])
         for suffix in _IN_SUFFIX.values():
             self._sig(f"dgq_quantize_rows_{suffix}", [ptr] * 4 + [i32, i32, ptr])
+            self._sig(f"dgq_quantize_rows_perm_{suffix}", [ptr] * 4 + [i32, i32, ptr])
+        self._sig("dgq_permute_s8", [ptr, ptr, i32, i32, ptr])
+        listing = path.parent / "wgmma_variants.json"
+        self.wgmma_variants = [(128 * v["mt"], v["bn"], v["stages"]) for v in json.loads(listing.read_text())] \
+            if listing.is_file() else []
+        for bm, bn, stages in self.wgmma_variants:
+            for suffix in _OUT_SUFFIX.values():
+                self._sig(f"dgq_wgmma_w{bm}x{bn}_s{stages}_{suffix}", [ptr] * 9 + [i32] * 5 + [ptr])
         self.gemm_variants = [v["name"] for v in json.loads(
             (path.parent / "variants.json").read_text())] if build.uses_cutlass(arch) else []
         for name in self.gemm_variants:
@@ -169,6 +183,88 @@ def int8_gemm(lib: KernelLibrary, x_q, s_x, w_s8, s1, out_dtype, variant: str | 
     return out
 
 
+def quantize_rows_permuted(lib: KernelLibrary, x: torch.Tensor, static_scale: torch.Tensor | None = None):
+    """As quantize_rows, but the codes in the fused wgmma kernel's order: (M, K padded to 128) int8."""
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, _padded(k), dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    static = None if static_scale is None else static_scale.float().contiguous()
+    lib.call(f"dgq_quantize_rows_perm_{_IN_SUFFIX[x.dtype]}", x.data_ptr(), q.data_ptr(), scale.data_ptr(),
+             None if static is None else static.data_ptr(), m, k, _stream(x.device))
+    return q, scale
+
+
+def permute_s8(lib: KernelLibrary, x_q: torch.Tensor) -> torch.Tensor:
+    """Natural int8 activations (M, K) -> the fused wgmma kernel's order (M, K padded to 128)."""
+    x_q = x_q.contiguous()
+    m, k = x_q.shape
+    y = torch.empty(m, _padded(k), dtype=torch.int8, device=x_q.device)
+    lib.call("dgq_permute_s8", x_q.data_ptr(), y.data_ptr(), m, k, _stream(x_q.device))
+    return y
+
+
+def _padded(k: int) -> int:
+    return (k + 127) // 128 * 128
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@lru_cache(maxsize=None)
+def _wgmma_counters(device: torch.device) -> torch.Tensor:
+    # One allocation per device for the process's life (CUDA graphs keep its address); every split-K
+    # launch leaves its counters at zero again.
+    return torch.zeros(WGMMA_COUNTERS, dtype=torch.int32, device=device)
+
+
+def wgmma_default(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int, int]:
+    """The fused wgmma kernel's configuration for an untuned shape: tokens per block from M, split-K
+    up to about one wave of blocks (each split keeping at least 4 K steps)."""
+    bm, bn, stages = (128, 64, 8) if m <= 64 else (128, 128, 6) if m <= 1024 else (128, 256, 4)
+    return bm, bn, stages, wgmma_splits(m, n, k, bm, bn, sms)
+
+
+def wgmma_splits(m: int, n: int, k: int, bm: int, bn: int, sms: int = 132) -> int:
+    tiles = -(-n // bm) * -(-m // bn)
+    if tiles >= sms or tiles > WGMMA_COUNTERS:
+        return 1
+    return max(1, min(sms // tiles, _padded(k) // 128 // 4))
+
+
+def wgmma_permuted(lib: KernelLibrary, x_p, s_x, qweight, s2, zero, s1, group: int, out_dtype,
+                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Fused wgmma W4A8 GEMM on activations already in its order (quantize_rows_permuted /
+    permute_s8); config = (block channels, block tokens, stages, splits; splits 0 = default)."""
+    m = x_p.shape[0]
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    bm, bn, stages, splits = config or wgmma_default(m, n, k, _sm_count(x_p.device))
+    if not splits:
+        splits = wgmma_splits(m, n, k, bm, bn, _sm_count(x_p.device))
+    out = torch.empty(m, n, dtype=out_dtype, device=x_p.device)
+    steps = _padded(k) // 128
+    per = -(-steps // splits)
+    splits = -(-steps // per)
+    tiles = -(-n // bm) * -(-m // bn)
+    if splits > 1 and tiles > WGMMA_COUNTERS:
+        splits = 1
+    partials = torch.empty(tiles * splits * bm * bn if splits > 1 else 0, dtype=torch.int32, device=x_p.device)
+    counters = _wgmma_counters(x_p.device)
+    lib.call(f"dgq_wgmma_w{bm}x{bn}_s{stages}_{_OUT_SUFFIX[out_dtype]}", qweight.data_ptr(), s2.data_ptr(),
+             zero.data_ptr(), s1.data_ptr(), x_p.data_ptr(), s_x.data_ptr(), out.data_ptr(),
+             partials.data_ptr() if splits > 1 else None, counters.data_ptr(), m, n, k, group, splits,
+             _stream(x_p.device))
+    return out
+
+
+def wgmma(lib: KernelLibrary, x_q, s_x, qweight, s2, zero, s1, group: int, out_dtype,
+          config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Fused wgmma W4A8 GEMM on natural int8 activations x_q (M, K) (permuted here first)."""
+    return wgmma_permuted(lib, permute_s8(lib, x_q), s_x, qweight, s2, zero, s1, group, out_dtype, config)
+
+
 def gemv(lib: KernelLibrary, x_q, s_x, qweight, s2, zero, s1, group: int, out_dtype,
          config: tuple[int, int] = GEMV_DEFAULT) -> torch.Tensor:
     """Fused decode GEMV of one int8 token x_q (1, K) -> (1, N); config as in GEMV_CONFIGS."""
@@ -190,11 +286,12 @@ def mma(lib: KernelLibrary, x_q, s_x, qweight, s2, zero, s1, group: int, out_dty
     return out
 
 
-def choose_path(lib: KernelLibrary, m: int, n: int, k: int) -> tuple[str, tuple[int, int] | None]:
-    """("gemv" | "mma" | "gemm", its configuration) for an M x N x K problem."""
+def choose_path(lib: KernelLibrary, m: int, n: int, k: int) -> tuple[str, tuple[int, ...] | None]:
+    """("gemv" | "mma" | "wgmma" | "gemm", its configuration) for an M x N x K problem."""
     tuned = lib.paths.get(f"{_bucket(m)},{n},{k}")
     if tuned is not None and (tuned[0] != "gemv" or m == 1):  # the GEMV takes one token only
-        return tuned[0], tuple(tuned[1]) if len(tuned) > 1 else None
+        if tuned[0] != "wgmma" or tuple(tuned[1][:3]) in lib.wgmma_variants:
+            return tuned[0], tuple(tuned[1]) if len(tuned) > 1 else None
     if m == 1:
         return "gemv", GEMV_DEFAULT
     return ("mma", MMA_DEFAULT) if m <= MMA_MAX_ROWS else ("gemm", None)
@@ -203,9 +300,12 @@ def choose_path(lib: KernelLibrary, m: int, n: int, k: int) -> tuple[str, tuple[
 def dgq_linear(lib: KernelLibrary, x: torch.Tensor, qweight, s2, zero, s1, group: int,
                static_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One DGQ linear without bias: x (M, K) fp16/bf16 -> (M, N) in x's dtype; group % 32 == 0."""
-    x_q, s_x = quantize_rows(lib, x, static_scale)
-    m, k = x_q.shape
+    m, k = x.shape
     path, config = choose_path(lib, m, qweight.shape[0], k)
+    if path == "wgmma":
+        x_p, s_x = quantize_rows_permuted(lib, x, static_scale)
+        return wgmma_permuted(lib, x_p, s_x, qweight, s2, zero, s1, group, x.dtype, config)
+    x_q, s_x = quantize_rows(lib, x, static_scale)
     if path == "gemv":
         return gemv(lib, x_q, s_x, qweight, s2, zero, s1, group, x.dtype, config or GEMV_DEFAULT)
     if path == "mma":

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..errors import DGQError
+from ..fingerprints import cache_root, file_digest, files_digest
 
 # Embedded default models: alias -> (pip package that ships the file, GGUF file name).
 ALIASES: dict[str, tuple[str, str]] = {
@@ -47,6 +48,9 @@ def resolve(spec: str) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise DGQError(f"GGUF file not found: {path}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise DGQError(f"{path} is not a GGUF file (no GGUF header)")
         return ModelSource(str(path.resolve().parent), path.name)
     if path.exists():
         if not (path / "config.json").is_file():
@@ -55,6 +59,58 @@ def resolve(spec: str) -> ModelSource:
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise DGQError(f"model path not found: {spec}")
     return ModelSource(spec)  # a hub id
+
+
+def canonical_spec(spec: str) -> str:
+    """What manifests record: an alias or hub id as given, a local path made absolute."""
+    if spec in ALIASES or not Path(spec).expanduser().exists():
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def local_model_dir(spec: str) -> Path | None:
+    """The directory a local model lives in (None for hub ids and missing paths)."""
+    try:
+        source = resolve(spec)
+    except DGQError:
+        return None
+    path = Path(source.location)
+    return path if path.is_dir() else None
+
+
+def model_digest(spec: str) -> str:
+    """Content fingerprint of a model: its GGUF file, or every file in its directory (weights,
+    config, tokenizer); a hub id is fingerprinted by name (its files are not local)."""
+    source = resolve(spec)
+    if source.gguf_file:
+        return file_digest(Path(source.location) / source.gguf_file)
+    root = Path(source.location)
+    if not root.is_dir():
+        return f"hub:{spec}"
+    return files_digest([p for p in root.iterdir() if p.is_file()])
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_weight_files(root: Path, allow_pickle: bool) -> None:
+    """Only safetensors are read unless the user opts in: unpickling runs code the file chooses."""
+    files = [p.name for p in root.iterdir() if p.is_file()]
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
+    if not pickles:
+        raise DGQError(f"{root} holds no model weights (*.safetensors)")
+    if not allow_pickle:
+        raise DGQError(f"{root} holds only pickle weights ({pickles[0]}); dgq reads safetensors only: convert them, "
+                       "or pass --allow-pickle if you trust the file")
+
+
+def check_context_length(model: torch.nn.Module, seqlen: int, option: str = "--seqlen") -> None:
+    """Windows longer than the model's context give meaningless activations (or ppl) silently."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise DGQError(f"{option} {seqlen} exceeds the model's context of {limit} tokens; pass {option} {limit} or less")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -105,11 +161,10 @@ def _quiet_tqdm():
 
 def _gguf_cache(source: ModelSource) -> Path:
     """Converting a GGUF file (dequantizing tensors, rebuilding the tokenizer) takes most of a
-    minute on a small CPU; every stage loads the model, so the converted model is kept once."""
+    minute on a small CPU; every stage loads the model, so the converted model is kept once per
+    file content under $DGQ_CACHE/gguf/ (`dgq cache clear` removes it)."""
     file = Path(source.location) / source.gguf_file
-    stat = file.stat()
-    root = Path(os.environ.get("DGQ_CACHE", Path.home() / ".cache" / "dgqtool"))
-    return root / "gguf" / f"{file.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    return cache_root() / "gguf" / f"{file.stem}-{file_digest(file)[:16]}"
 
 
 def _convert_gguf(source: ModelSource, cache: Path) -> None:
@@ -131,8 +186,9 @@ def _convert_gguf(source: ModelSource, cache: Path) -> None:
             raise
 
 
-def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """Returns (model in eval mode on CPU, tokenizer, ModelSource)."""
+def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = False, allow_pickle: bool = False):
+    """Returns (model in eval mode on CPU, tokenizer, ModelSource). Code shipped with the model
+    runs only when the user asks for remote code; transformers is never left to prompt for it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -144,11 +200,14 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         cache = _gguf_cache(source)
         if not cache.is_dir():
             _convert_gguf(source, cache)
-        model, tokenizer, _ = load_model(str(cache), dtype, trust_remote_code)
+        model, tokenizer, _ = load_model(str(cache), dtype, trust_remote_code=False)
         return model, tokenizer, source
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs = {"trust_remote_code": trust_remote_code is True}
     if Path(source.location).exists():
         kwargs["local_files_only"] = True
+        _check_weight_files(Path(source.location), allow_pickle)
+        if not allow_pickle:
+            kwargs["use_safetensors"] = True
     elif not hub_reachable():
         raise _offline_error(spec)
     try:
@@ -159,8 +218,14 @@ def load_model(spec: str, dtype: str = "float32", trust_remote_code: bool = Fals
         if Path(source.location).exists():
             raise DGQError(f"cannot load model from {source.describe()}: {exc}") from None
         raise _offline_error(spec) from None
-    except ValueError as exc:
-        raise DGQError(f"cannot load model {source.describe()}: {exc}") from None
+    except (ValueError, KeyError) as exc:
+        raise DGQError(f"cannot load model {source.describe()}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    except Exception as exc:
+        if type(exc).__name__ != "UnpicklingError":
+            raise
+        # torch's weights-only unpickler refused the file; its advice (weights_only=False) runs code
+        raise DGQError(f"cannot read the pickle weights in {source.describe()}: the safe (weights-only) "
+                       "unpickler refused them; convert them to safetensors with a tool you trust") from None
     if getattr(model.config, "quantization_config", None) is not None:
         raise DGQError(f"{source.describe()} is already quantized; dgq needs a float model")
     model = model.to(DTYPES[dtype]).eval()

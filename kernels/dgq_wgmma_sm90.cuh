@@ -1,0 +1,426 @@
+// Fused Hopper W4A8 GEMM (sm_90a): register-sourced wgmma with the 4-bit codes converted in registers.
+//
+// out^T = W x^T: the weights are wgmma's A operand (64 channels per m64 tile, from registers), the
+// int8 tokens are B (the token count is wgmma's N, BN = 32..256), int32 accumulators, and the
+// epilogue (acc * s_x[token]) * s1[channel] -> fp16 / bf16 in the tokens x channels layout.
+//
+// Block: one producer warpgroup (one thread issues the TMA loads) and two consumer warpgroups, each
+// owning MT m64 tiles, so a block computes BM = 128 * MT channels x BN tokens. A K step is 128
+// features: the codes of the block's rows (BM x 64 bytes, plain row-major, TMA) and the tokens
+// (BN x 128 bytes, TMA with the 128-byte swizzle wgmma's K-major descriptor reads) land in one
+// pipeline stage, STAGES deep, full / empty mbarriers.
+//
+// The A fragment of m64nNk32 (8-bit) is mma.sync m16n8k32's: lane (g = lane / 4, t = lane % 4) of
+// warp w holds rows 16w + g and 16w + g + 8, k slots 4t..4t+3 and 16+4t..16+4t+3. Each lane loads
+// one 16-byte word of codes per row and K step (features 32t..32t+31 of the step, one ld.shared.v4,
+// conflict-free) and converts word j of it with the exact IMAD + XOR into its sub-step j operand:
+// the low nibbles (features 32t + 8j + 2i) fill slots 4t + i, the high ones slots 16 + 4t + i. No
+// weight reordering: the activations are stored in the matching order instead -- the quantization
+// kernel writes feature 32t + 8j + 2i + e of each 128-feature block at position 32j + 16e + 4t + i
+// (dgq_quantize_rows_perm_*, dgq_permute_s8), K padded to a multiple of 128 with zeros.
+//
+// Conversion overlaps the tensor cores: sub-step j+1 is converted while sub-step j's wgmma runs
+// (wgmma.wait_group 1 before the registers are reused), and the two consumer warpgroups interleave.
+// Split-K (gridDim.z > 1): each split stores its int32 tile to a workspace slot; the last split of
+// a tile (a per-tile counter, reset by it) adds the others in fixed order and runs the epilogue, so
+// the sums are exact whatever the order the splits finish.
+#pragma once
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#include "wgmma_ops.cuh"  // emitted by generate.py: WgmmaRS<N>::mma, the register-A wgmma per N
+
+namespace dgq_wgmma {
+
+constexpr int kStepK = 128;       // features per K step
+constexpr int kCodeBytes = 64;    // packed code bytes per row and K step
+constexpr int kThreads = 384;     // producer warpgroup + two consumer warpgroups
+
+struct Params {
+  const int8_t* s2;
+  const uint8_t* zp;
+  const __half* s1;
+  const float* s_x;
+  void* out;
+  int* partials;  // split-K: tiles x splits x BM x BN int32
+  int* counters;  // split-K: one per tile, zero between launches
+  int m, n, k, group, steps, steps_per_split;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int x, int y) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
+          smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(x), "r"(y)
+      : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+__device__ __forceinline__ void fence_operand(int& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void wait_for_producer() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+// K-major operand in the 128-byte swizzle: rows of 128 bytes, 8-row atoms 1024 bytes apart.
+__device__ __forceinline__ uint64_t smem_descriptor(const void* p) {
+  const uint64_t addr = smem_addr(p);
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ uint4 lds128(const void* p) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(smem_addr(p)));
+  return v;
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+
+// Group of a 32-code word with one multiply-high (see dgq_w4a8.cu's WordGroup).
+struct WordGroup {
+  uint32_t magic;
+  bool one;
+  __device__ __forceinline__ explicit WordGroup(int group)
+      : magic(0xFFFFFFFFu / static_cast<uint32_t>(group / 32) + 1u), one(group == 32) {}
+  __device__ __forceinline__ int operator()(int word) const {
+    return one ? word : static_cast<int>(__umulhi(static_cast<uint32_t>(word), magic));
+  }
+};
+
+template <int MT, int BN, int STAGES>
+struct Layout {
+  static constexpr int BM = 128 * MT;
+  static constexpr int kTokenBytes = BN * kStepK;      // one stage of tokens
+  static constexpr int kCodeStage = BM * kCodeBytes;   // one stage of codes
+  static constexpr int kStageBytes = kTokenBytes + kCodeStage;
+  static constexpr int kStagingRow = BM * 2 + 16;       // epilogue tile row (bytes): padded, no bank conflicts
+  static constexpr int kStaging = BN * kStagingRow;
+  static constexpr int kData = (STAGES * kStageBytes > kStaging ? STAGES * kStageBytes : kStaging);
+  static constexpr int kBytes = 1024 + kData + 2 * STAGES * 8 + 16;  // alignment slack, barriers, flag
+  static_assert(kTokenBytes % 1024 == 0, "token stages must keep the 1024-byte swizzle alignment");
+  static_assert(kStageBytes % 1024 == 0, "stages must keep the 1024-byte swizzle alignment");
+};
+
+template <int MT, int BN, int STAGES, typename Out>
+__global__ void __launch_bounds__(kThreads, 1)
+    wgmma_kernel(const __grid_constant__ CUtensorMap codes_map, const __grid_constant__ CUtensorMap tokens_map,
+                 const Params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)  // wgmma / setmaxnreg: sm_90a only, not the PTX pass
+  using L = Layout<MT, BN, STAGES>;
+  constexpr int BM = L::BM;
+  constexpr int NACC = BN / 2;  // accumulators per thread per m64 tile
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint8_t* tokens_smem = smem;                             // [STAGES][BN][128], swizzled
+  uint8_t* codes_smem = smem + STAGES * L::kTokenBytes;    // [STAGES][BM][64]
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kData);
+  uint64_t* empty = full + STAGES;
+  int* flag = reinterpret_cast<int*>(empty + STAGES);
+
+  const int ch0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
+  const int first_step = blockIdx.z * p.steps_per_split;
+  const int steps = min(p.steps - first_step, p.steps_per_split);
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);  // every consumer warp releases a stage
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];" ::"l"(&codes_map) : "memory");
+      asm volatile("prefetch.tensormap [%0];" ::"l"(&tokens_map) : "memory");
+      const int prologue = min(steps, STAGES);
+      // the codes do not depend on the activation quantization: load the first stages before waiting for it
+      for (int it = 0; it < prologue; ++it) {
+        mbar_expect_tx(&full[it], L::kStageBytes);
+        tma_load_2d(codes_smem + it * L::kCodeStage, &codes_map, &full[it], (first_step + it) * kCodeBytes, ch0);
+      }
+      wait_for_producer();
+      for (int it = 0; it < prologue; ++it)
+        tma_load_2d(tokens_smem + it * L::kTokenBytes, &tokens_map, &full[it], (first_step + it) * kStepK, tok0);
+      for (int it = STAGES; it < steps; ++it) {
+        const int s = it % STAGES;
+        mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
+        mbar_expect_tx(&full[s], L::kStageBytes);
+        tma_load_2d(codes_smem + s * L::kCodeStage, &codes_map, &full[s], (first_step + it) * kCodeBytes, ch0);
+        tma_load_2d(tokens_smem + s * L::kTokenBytes, &tokens_map, &full[s], (first_step + it) * kStepK, tok0);
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int cw = wg - 1;                           // consumer warpgroup 0 / 1
+  const int ctid = threadIdx.x - 128;              // 0..255
+  const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int words = p.k / 32, groups = p.k / p.group;
+  const WordGroup group_of(p.group);
+
+  // this thread's rows (block-local) and their clamped global channels, per m64 tile and half
+  int row[MT][2], chan[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row[mt][h] = (cw * MT + mt) * 64 + 16 * warp + 8 * h + g;
+      chan[mt][h] = min(ch0 + row[mt][h], p.n - 1);
+    }
+
+  int acc[MT][NACC];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[mt][i] = 0;
+
+  uint32_t scale[MT][2], cst[MT][2];
+  auto load_scales = [&](int step) {
+    const int gi = group_of(min(step * 4 + t, words - 1));
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int idx = chan[mt][h] * groups + gi;
+        const int s2 = __ldg(p.s2 + idx);
+        scale[mt][h] = static_cast<uint32_t>(s2);
+        cst[mt][h] = static_cast<uint32_t>(128 - s2 * static_cast<int>(__ldg(p.zp + idx))) * 0x01010101u;
+      }
+  };
+  if (steps > 0) load_scales(first_step);
+
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) fence_operand(acc[mt][i]);
+
+  for (int it = 0; it < steps; ++it) {
+    const int s = it % STAGES;
+    mbar_wait(&full[s], (it / STAGES) & 1);
+    uint4 q[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) q[mt][h] = lds128(codes_smem + s * L::kCodeStage + row[mt][h] * kCodeBytes + 16 * t);
+    uint32_t sc[MT][2], cc[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) sc[mt][h] = scale[mt][h], cc[mt][h] = cst[mt][h];
+    if (it + 1 < steps) load_scales(first_step + it + 1);  // in flight during this step's MMAs
+    const uint64_t desc = smem_descriptor(tokens_smem + s * L::kTokenBytes);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint32_t w0 = j == 0 ? q[mt][0].x : j == 1 ? q[mt][0].y : j == 2 ? q[mt][0].z : q[mt][0].w;
+        const uint32_t w1 = j == 0 ? q[mt][1].x : j == 1 ? q[mt][1].y : j == 2 ? q[mt][1].z : q[mt][1].w;
+        a[mt][0] = ((w0 & 0x0F0F0F0Fu) * sc[mt][0] + cc[mt][0]) ^ 0x80808080u;
+        a[mt][1] = ((w1 & 0x0F0F0F0Fu) * sc[mt][1] + cc[mt][1]) ^ 0x80808080u;
+        a[mt][2] = (((w0 >> 4) & 0x0F0F0F0Fu) * sc[mt][0] + cc[mt][0]) ^ 0x80808080u;
+        a[mt][3] = (((w1 >> 4) & 0x0F0F0F0Fu) * sc[mt][1] + cc[mt][1]) ^ 0x80808080u;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) fence_operand(a[mt][r]);
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) WgmmaRS<BN>::mma(acc[mt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], desc + 2 * j);
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous sub-step's wgmma is done: its A registers (and, at j = 0, its stage) are free
+      if (j == 0 && it > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % STAGES]);
+    }
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) fence_operand(acc[mt][i]);
+
+  if (gridDim.z > 1) {
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    constexpr int per_split = MT * NACC * 256;
+    int* slots = p.partials + static_cast<int64_t>(tile) * gridDim.z * per_split;
+    int* mine = slots + static_cast<int64_t>(blockIdx.z) * per_split;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) __stcg(mine + (mt * NACC + i) * 256 + ctid, acc[mt][i]);
+    __threadfence();
+    named_barrier(1, 256);
+    if (ctid == 0) *flag = atomicAdd(p.counters + tile, 1) == static_cast<int>(gridDim.z) - 1;
+    named_barrier(1, 256);
+    if (!*flag) return;
+    __threadfence();
+    for (int z = 0; z < static_cast<int>(gridDim.z); ++z) {
+      if (z == static_cast<int>(blockIdx.z)) continue;
+      const int* other = slots + static_cast<int64_t>(z) * per_split;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) acc[mt][i] += __ldcg(other + (mt * NACC + i) * 256 + ctid);
+    }
+    if (ctid == 0) p.counters[tile] = 0;  // ready for the next launch
+  }
+
+  // epilogue: (acc * s_x[token]) * s1[channel], staged in shared memory as [token][channel]
+  wait_for_producer();  // s_x comes from the activation quantization
+  named_barrier(1, 256);  // both consumer warpgroups are done reading the stages the tile overwrites
+  uint8_t* staging = smem;
+  float s1v[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) s1v[mt][h] = __half2float(p.s1[chan[mt][h]]);
+#pragma unroll
+  for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int tl = 8 * nb + 2 * t + c;
+      const float sx = p.s_x[min(tok0 + tl, p.m - 1)];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float v = __fmul_rn(__fmul_rn(static_cast<float>(acc[mt][4 * nb + 2 * h + c]), sx), s1v[mt][h]);
+          *reinterpret_cast<Out*>(staging + tl * L::kStagingRow + row[mt][h] * 2) = from_float<Out>(v);
+        }
+    }
+  }
+  named_barrier(1, 256);
+  Out* out = static_cast<Out*>(p.out);
+  constexpr int VECS = BM / 8;  // 16-byte vectors per token row
+  const bool vector_ok = (p.n % 8) == 0;
+  for (int i = ctid; i < BN * VECS; i += 256) {
+    const int tl = i / VECS, cv = i % VECS;
+    const int token = tok0 + tl, channel = ch0 + cv * 8;
+    if (token >= p.m || channel >= p.n) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(staging + tl * L::kStagingRow + cv * 16);
+    Out* dst = out + static_cast<int64_t>(token) * p.n + channel;
+    if (vector_ok) {
+      *reinterpret_cast<uint4*>(dst) = v;
+    } else {
+      const Out* e = reinterpret_cast<const Out*>(&v);
+#pragma unroll
+      for (int c = 0; c < 8; ++c)
+        if (channel + c < p.n) dst[c] = e[c];
+    }
+  }
+#endif
+}
+
+inline PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      ptr = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// 2-D byte tensor (rows x cols, row pitch `pitch` bytes), box (box_rows x box_cols).
+inline bool make_map(CUtensorMap* map, const void* base, uint64_t rows, uint64_t cols, uint64_t pitch,
+                     uint32_t box_rows, uint32_t box_cols, bool swizzle) {
+  auto encode = encode_fn();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {pitch};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t elem[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box, elem,
+                CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// 0 ok, 1 unsupported shape, 3 launch failure. x_p: (m, k_pad) int8 in the permuted order,
+// k_pad = k rounded up to 128. partials / counters: only read when splits > 1.
+template <int MT, int BN, int STAGES, typename Out>
+int launch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x_p,
+           const float* s_x, void* out, int* partials, int* counters, int m, int n, int k, int group, int splits,
+           cudaStream_t stream) {
+  using L = Layout<MT, BN, STAGES>;
+  if (m < 1 || n < 1 || k % 32 || group % 32 || k % group || splits < 1) return 1;
+  if ((reinterpret_cast<uintptr_t>(qweight) | reinterpret_cast<uintptr_t>(x_p)) % 16) return 1;
+  const int steps = (k + kStepK - 1) / kStepK, k_pad = steps * kStepK;
+  const int per = (steps + splits - 1) / splits;
+  splits = (steps + per - 1) / per;  // no empty split
+  if (splits > 1 && (partials == nullptr || counters == nullptr)) return 1;
+  CUtensorMap codes_map, tokens_map;
+  if (!make_map(&codes_map, qweight, n, k / 2, k / 2, L::BM, kCodeBytes, false)) return 1;
+  if (!make_map(&tokens_map, x_p, m, k_pad, k_pad, BN, kStepK, true)) return 1;
+  Params p{s2, zp, static_cast<const __half*>(s1), s_x, out, partials, counters, m, n, k, group, steps, per};
+  auto kernel = wgmma_kernel<MT, BN, STAGES, Out>;
+  static bool configured = [&] {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes) == cudaSuccess;
+  }();
+  if (!configured) return 3;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((n + L::BM - 1) / L::BM, (m + BN - 1) / BN, splits);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = L::kBytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  const char* disabled = getenv("DGQ_PDL");
+  config.numAttrs = (disabled && disabled[0] == '0') ? 0 : 1;
+  return cudaLaunchKernelEx(&config, kernel, codes_map, tokens_map, p) == cudaSuccess ? 0 : 3;
+}
+
+}  // namespace dgq_wgmma

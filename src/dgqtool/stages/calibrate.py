@@ -1,0 +1,86 @@
+"""calibrate: sample calibration windows, run the float model layer by layer and record each
+linear input's per-channel maxima (and the weights' column maxima smoothing needs)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..artifacts import write_manifest, write_tensors
+from ..calib.capture import run_layers
+from ..calib.data import sample_segments, tokenize
+from ..data import load_corpus
+from ..errors import DGQError
+from ..fingerprints import text_digest
+from ..models.adapters import Adapter, adapter_for, can_fold, check_group_size, decoder_layers
+from ..models.load import canonical_spec, check_context_length, load_model, model_digest
+from ..recipe import CALIBRATE_OPTIONS
+from ..resources import Usage
+from .graph import Context, input_key
+
+
+class _ChannelMaxima:
+    """Hooks recording max |x| per input channel of every input group, rejecting NaN/inf."""
+
+    def __init__(self, adapter: Adapter, stats: dict[str, torch.Tensor]):
+        self.adapter, self.stats = adapter, stats
+
+    def attach(self, index: int, layer: nn.Module) -> list:
+        handles = []
+        for group in self.adapter.inputs:
+            key = input_key(index, group)
+
+            def hook(module, args, key=key):
+                x = args[0].detach()
+                if not torch.isfinite(x).all():
+                    raise DGQError(f"non-finite calibration activations at the input of layer {key}")
+                m = x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu()
+                self.stats[key] = m if key not in self.stats else torch.maximum(self.stats[key], m)
+
+            handles.append(layer.get_submodule(group.linears[0]).register_forward_pre_hook(hook))
+        return handles
+
+    def finish(self, index: int, layer: nn.Module) -> bool:
+        return False
+
+
+def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -> dict:
+    """planned_group: the group size the later search will use (quantize knows it), checked here
+    against the model so a misfit fails before the expensive stages run."""
+    r = ctx.recipe
+    model_spec = canonical_spec(model_spec)
+    digest = model_digest(model_spec)
+    text = load_corpus(r.calib_data, "train", r.data_dir)
+    inputs = {"model": digest, "calib_text": text_digest(text)}
+    options = {"model": model_spec, **r.subset(CALIBRATE_OPTIONS)}
+    done, inputs, _ = ctx.open("calibrate", options, inputs=inputs)
+    if done is not None:
+        return done
+    usage = Usage()
+    model, tokenizer, source = load_model(model_spec, r.dtype, r.trust_remote_code, r.allow_pickle)
+    adapter = adapter_for(model.config.model_type)
+    tokens = sample_segments(tokenize(tokenizer, text), r.nsamples, r.seqlen, r.seed)
+    check_context_length(model, r.seqlen)
+    if planned_group is not None:
+        check_group_size(model, adapter, planned_group)
+    stats: dict[str, torch.Tensor] = {}
+    layers = decoder_layers(model, adapter)
+    foldable = []
+    for index, layer in enumerate(layers):
+        for group in adapter.inputs:
+            key = input_key(index, group)
+            columns = torch.stack([layer.get_submodule(n).weight.detach().abs().amax(0) for n in group.linears])
+            stats[f"{key}.weight_absmax"] = columns.amax(0).float()
+            if can_fold(layer, group):
+                foldable.append(key)
+    maxima: dict[str, torch.Tensor] = {}
+    with ctx.reporter.task(f"calibrate {len(tokens)}x{tokens.shape[1]} tokens", len(layers)) as step:
+        run_layers(model, adapter, tokens, _ChannelMaxima(adapter, maxima), ctx.device, r.batch_size,
+                   on_layer=lambda i: step.advance(f"calibrate (layer {i + 1}/{len(layers)})"))
+    stats.update({f"{k}.act_absmax": v for k, v in maxima.items()})
+    digest = write_tensors(ctx.stage_dir("calibrate") / "stats.safetensors", {"tokens": tokens, **stats})
+    return write_manifest(
+        ctx.stage_dir("calibrate"), "calibrate", options, inputs, {"stats.safetensors": digest},
+        model_type=model.config.model_type, source=source.describe(), foldable=foldable,
+        num_layers=len(layers), resources=usage.snapshot(),
+    )

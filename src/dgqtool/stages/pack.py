@@ -1,0 +1,79 @@
+"""pack: the smoothed model with every adapter linear replaced by its packed module, written as
+a checkpoint directory (dgqtool.pack owns the on-disk layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..artifacts import is_finished, read_manifest, read_tensors, sha256_file, write_manifest
+from ..errors import DGQError
+from ..models.adapters import decoder_layers, layer_linears
+from ..nn.dgq_linear import FORMATS, format_of
+from ..resources import Usage
+from .graph import Context
+from .search import weight_from_tensors
+from .smooth import smoothed_model
+
+
+def quantized_model(ctx: Context):
+    """Returns (model with packed modules, tokenizer, adapter, weight format, search manifest, calibrate manifest)."""
+    search_manifest = ctx.manifest("search")
+    model, tokenizer, adapter, _, calib = smoothed_model(ctx)
+    dtype = next(model.parameters()).dtype
+    formats = set()
+    for index, layer in enumerate(decoder_layers(model, adapter)):
+        name = f"layer_{index:03d}.safetensors"
+        if name not in search_manifest["outputs"]:
+            raise DGQError(f"search results do not cover layer {index}; rerun `dgq search`")
+        tensors = read_tensors(ctx.stage_dir("search") / name, search_manifest["outputs"][name])
+        for linear_name, linear in layer_linears(layer, adapter).items():
+            weight = weight_from_tensors(linear_name, tensors)
+            if weight.codes.shape != linear.weight.shape:
+                raise DGQError(f"search results for layer {index} {linear_name} do not match the model's shape")
+            fmt = format_of(weight)
+            formats.add(fmt)
+            module = FORMATS[fmt].from_weight(weight, linear.bias, tensors.get(f"{linear_name}.input_scale"), dtype)
+            layer.set_submodule(linear_name, module)
+    return model, tokenizer, adapter, formats.pop(), search_manifest, calib
+
+
+def _pack_options(output: Path) -> dict:
+    return {"output": str(output.resolve())}
+
+
+def pack(ctx: Context, output: Path) -> dict:
+    from ..pack import quantization_config, write_checkpoint
+
+    usage = Usage()
+    model, tokenizer, adapter, fmt, search_manifest, calib = quantized_model(ctx)
+    opts = search_manifest["options"]
+    dtype = next(model.parameters()).dtype
+    qconfig = quantization_config(adapter, fmt, opts["method"], opts["group"], opts["act"], dtype)
+    qconfig["source_model_sha256"] = calib["inputs"]["model"]  # lets verify tell a wrong reference model
+    manifest = write_checkpoint(model, tokenizer, qconfig, output, force=True)
+    write_manifest(ctx.stage_dir("pack"), "pack", _pack_options(output), {"search": search_manifest["fingerprint"]}, {},
+                   checkpoint=manifest["files"], resources=usage.snapshot())
+    ctx.reporter.info(f"pack: wrote {output} ({fmt} format, {opts['method']}, g{opts['group']}, {opts['act']})")
+    return manifest
+
+
+def pack_is_current(ctx: Context, output: Path) -> bool:
+    """The checkpoint in `output` was packed from the current search results and is intact."""
+    from ..pack import CHECKPOINT_MANIFEST
+
+    search_manifest = ctx.manifest("search")
+    if ctx.force or not is_finished(ctx.stage_dir("pack"), "pack", _pack_options(output), {"search": search_manifest["fingerprint"]}):
+        return False
+    return packed_here(ctx.work, output) and (output / CHECKPOINT_MANIFEST).is_file()
+
+
+def packed_here(work: Path, output: Path) -> bool:
+    """`output` holds exactly the checkpoint files this work directory's pack stage recorded."""
+    try:
+        manifest = read_manifest(work / "pack", "pack")
+        if manifest.get("options", {}).get("output") != str(output.resolve()):
+            return False
+        return all(sha256_file(output / name) == digest for name, digest in manifest["checkpoint"].items())
+    except (DGQError, OSError, KeyError, AttributeError):
+        return False
+
