@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from dgqtool.calib.data import calibration_tokens
-from dgqtool.data import data_dir
+from dgqtool.calib.windows import calibration_tokens
+from dgqtool.corpora import data_dir
 from dgqtool.eval.runner import headline, score_model
 from dgqtool.models.load import load_model
 

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from conftest import SHARED
 from dgqtool.cli import app
-from dgqtool.data import load_corpus
+from dgqtool.corpora import load_corpus
 from dgqtool.errors import DGQError
-from dgqtool.eval.data import c4_windows
+from dgqtool.eval.windows import c4_windows
 from dgqtool.eval.ppl import perplexity, windows_of
 
 

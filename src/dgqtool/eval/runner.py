@@ -9,7 +9,7 @@ from rich.table import Table
 from ..errors import DGQError
 from ..progress import Reporter
 from ..models.load import check_context_length
-from .data import PPL_TASKS, ppl_windows
+from .windows import PPL_TASKS, ppl_windows
 from .ppl import perplexity
 
 

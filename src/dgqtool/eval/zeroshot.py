@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..data import data_dir as resolve_data_dir
+from ..corpora import data_dir as resolve_data_dir
 from ..errors import DGQError
 
 # task -> (lm-eval YAML relative to lm_eval/tasks, local file(s), converter to the hub columns)

@@ -8,8 +8,8 @@ from torch import nn
 
 from ..artifacts import write_manifest, write_tensors
 from ..calib.capture import run_layers
-from ..calib.data import sample_segments, tokenize
-from ..data import load_corpus
+from ..calib.windows import sample_segments
+from ..corpora import load_corpus, tokenize
 from ..errors import DGQError
 from ..fingerprints import text_digest
 from ..models.adapters import Adapter, adapter_for, can_fold, check_group_size, decoder_layers

@@ -32,7 +32,7 @@ def verify(checkpoint: Path, work: Path | None, model_spec: str | None, reporter
         reporter.info("[yellow]logits vs original: skipped (no reference model: pass --model or -w)[/]")
     ppl_gate = None
     if gate:
-        from ..eval.data import ppl_windows
+        from ..eval.windows import ppl_windows
 
         windows = ppl_windows(gate["task"], tokenizer, gate["seqlen"], gate.get("data_dir"), gate["limit"])
         ppl_gate = PplGate(windows, gate.get("max_increase"), gate.get("max_ratio"), f"{gate['task']} ppl")

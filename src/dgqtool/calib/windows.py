@@ -1,4 +1,4 @@
-"""Calibration text -> token segments (GPTQ-style random windows)."""
+"""Calibration windows: token segments of the calibration text at GPTQ-style random starts."""
 
 from __future__ import annotations
 
@@ -6,13 +6,8 @@ import random
 
 import torch
 
-from ..data import load_corpus
+from ..corpora import load_corpus, tokenize
 from ..errors import DGQError
-
-
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The whole text as one id sequence (1-D long tensor), tokenized once as in the eval protocol."""
-    return torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
 
 
 def sample_segments(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

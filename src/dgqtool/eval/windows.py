@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..calib.data import tokenize
-from ..data import data_dir, load_corpus
+from ..corpora import data_dir, load_corpus, tokenize
 from ..errors import DGQError
 
 PPL_TASKS = ("wikitext2", "ptb", "c4")

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from .errors import DGQError
 
 # name -> split -> (relative local paths tried in order, how the split is joined, hub dataset args)
@@ -121,3 +123,8 @@ def _from_hub(args: tuple[str, ...], split: str, joiner: str) -> str:
         ) from None
     column = "sentence" if "sentence" in rows.column_names else "text"
     return joiner.join(rows[column])
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one id sequence (1-D long tensor), tokenized once as in the eval protocol."""
+    return torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
