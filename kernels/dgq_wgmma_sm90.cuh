@@ -19,8 +19,11 @@
 // kernel writes feature 32t + 8j + 2i + e of each 128-feature block at position 32j + 16e + 4t + i
 // (dgq_quantize_rows_perm_*, dgq_permute_s8), K padded to a multiple of 128 with zeros.
 //
-// Conversion overlaps the tensor cores: sub-step j+1 is converted while sub-step j's wgmma runs
-// (wgmma.wait_group 1 before the registers are reused), and the two consumer warpgroups interleave.
+// Conversion overlaps the tensor cores: a K step's four wgmmas are issued as one group and stay in
+// flight while the next step is converted into a second register set (wgmma.wait_group 1 retires
+// the step before), and the two consumer warpgroups interleave.
+// Clusters of CL blocks along the channels share the token tile: each block loads 1/CL of it and
+// multicasts it to the cluster (empty barriers count the consumers of every block of the cluster).
 // Split-K (gridDim.z > 1): each split stores its int32 tile to a workspace slot; the last split of
 // a tile (a per-tile counter, reset by it) adds the others in fixed order and runs the epilogue, so
 // the sums are exact whatever the order the splits finish.
@@ -50,6 +53,7 @@ struct Params {
   void* out;
   int* partials;  // split-K: tiles x splits x BM x BN int32
   int* counters;  // split-K: one per tile, zero between launches
+  long long* trace;  // profiling only (dgq_wgmma_set_trace): per block, SM id and %globaltimer at 5 points
   int m, n, k, group, steps, steps_per_split;
 };
 
@@ -86,6 +90,33 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
           smem_addr(dst)),
       "l"(map), "r"(smem_addr(bar)), "r"(x), "r"(y)
+      : "memory");
+}
+
+// Cluster helpers (CL > 1): the token tile is multicast to the CL blocks of a cluster, which
+// share it along the channel dimension, so each block loads 1/CL of it from L2.
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(cta));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int x, int y,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, "
+      "%4}], [%2], %5;" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(x), "r"(y), "h"(mask)
       : "memory");
 }
 
@@ -147,7 +178,7 @@ struct Layout {
   static_assert(kStageBytes % 1024 == 0, "stages must keep the 1024-byte swizzle alignment");
 };
 
-template <int MT, int BN, int STAGES, typename Out>
+template <int MT, int BN, int STAGES, int CL, typename Out>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_kernel(const __grid_constant__ CUtensorMap codes_map, const __grid_constant__ CUtensorMap tokens_map,
                  const Params p) {
@@ -163,6 +194,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* empty = full + STAGES;
   int* flag = reinterpret_cast<int*>(empty + STAGES);
 
+  long long t_entry = 0;
+  if (p.trace != nullptr) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_entry));
   const int ch0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
   const int first_step = blockIdx.z * p.steps_per_split;
   const int steps = min(p.steps - first_step, p.steps_per_split);
@@ -171,11 +204,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8);  // every consumer warp releases a stage
+      mbar_init(&empty[s], 8 * CL);  // every consumer warp of the cluster releases a stage
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  if constexpr (CL > 1) cluster_sync();  // the peers' barriers exist before any multicast or remote arrive
+  const uint32_t rank = CL > 1 ? cluster_rank() : 0;
+  // this block's share of the token tile: rows [rank * BN / CL, (rank + 1) * BN / CL), multicast to the cluster
+  constexpr int kShare = BN / CL;
+  static_assert(kShare % 8 == 0, "a share must keep the 1024-byte swizzle atoms");
+  auto load_tokens = [&](int s, int step) {
+    uint8_t* dst = tokens_smem + s * L::kTokenBytes + rank * kShare * kStepK;
+    if constexpr (CL > 1)
+      tma_load_2d_multicast(dst, &tokens_map, &full[s], step * kStepK, tok0 + rank * kShare, (1u << CL) - 1);
+    else
+      tma_load_2d(dst, &tokens_map, &full[s], step * kStepK, tok0);
+  };
 
   if (wg == 0) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
@@ -189,20 +234,23 @@ __global__ void __launch_bounds__(kThreads, 1)
         tma_load_2d(codes_smem + it * L::kCodeStage, &codes_map, &full[it], (first_step + it) * kCodeBytes, ch0);
       }
       wait_for_producer();
-      for (int it = 0; it < prologue; ++it)
-        tma_load_2d(tokens_smem + it * L::kTokenBytes, &tokens_map, &full[it], (first_step + it) * kStepK, tok0);
+      for (int it = 0; it < prologue; ++it) load_tokens(it, first_step + it);
       for (int it = STAGES; it < steps; ++it) {
         const int s = it % STAGES;
         mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
         mbar_expect_tx(&full[s], L::kStageBytes);
         tma_load_2d(codes_smem + s * L::kCodeStage, &codes_map, &full[s], (first_step + it) * kCodeBytes, ch0);
-        tma_load_2d(tokens_smem + s * L::kTokenBytes, &tokens_map, &full[s], (first_step + it) * kStepK, tok0);
+        load_tokens(s, first_step + it);
       }
     }
+    __syncwarp();
+    if constexpr (CL > 1) cluster_sync();  // no block leaves while a peer may still write into it
     return;
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  long long t_start = 0, t_data = 0, t_main = 0;
+  if (p.trace != nullptr) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_start));
   const int cw = wg - 1;                           // consumer warpgroup 0 / 1
   const int ctid = threadIdx.x - 128;              // 0..255
   const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -245,7 +293,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < NACC; ++i) fence_operand(acc[mt][i]);
 
-  for (int it = 0; it < steps; ++it) {
+  // Two operand register sets: a step's wgmmas (four sub-steps, one commit group) stay in flight
+  // while the next step's codes are converted into the other set; wait_group 1 after each commit
+  // retires the step before, whose registers and stage are then free.
+  uint32_t areg[2][MT][4][4];
+  auto do_step = [&](const int it, uint32_t (&a)[MT][4][4]) {
     const int s = it % STAGES;
     mbar_wait(&full[s], (it / STAGES) & 1);
     uint4 q[MT][2];
@@ -261,28 +313,48 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (it + 1 < steps) load_scales(first_step + it + 1);  // in flight during this step's MMAs
     const uint64_t desc = smem_descriptor(tokens_smem + s * L::kTokenBytes);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint32_t a[MT][4];
+    for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         const uint32_t w0 = j == 0 ? q[mt][0].x : j == 1 ? q[mt][0].y : j == 2 ? q[mt][0].z : q[mt][0].w;
         const uint32_t w1 = j == 0 ? q[mt][1].x : j == 1 ? q[mt][1].y : j == 2 ? q[mt][1].z : q[mt][1].w;
-        a[mt][0] = ((w0 & 0x0F0F0F0Fu) * sc[mt][0] + cc[mt][0]) ^ 0x80808080u;
-        a[mt][1] = ((w1 & 0x0F0F0F0Fu) * sc[mt][1] + cc[mt][1]) ^ 0x80808080u;
-        a[mt][2] = (((w0 >> 4) & 0x0F0F0F0Fu) * sc[mt][0] + cc[mt][0]) ^ 0x80808080u;
-        a[mt][3] = (((w1 >> 4) & 0x0F0F0F0Fu) * sc[mt][1] + cc[mt][1]) ^ 0x80808080u;
+        a[mt][j][0] = ((w0 & 0x0F0F0F0Fu) * sc[mt][0] + cc[mt][0]) ^ 0x80808080u;
+        a[mt][j][1] = ((w1 & 0x0F0F0F0Fu) * sc[mt][1] + cc[mt][1]) ^ 0x80808080u;
+        a[mt][j][2] = (((w0 >> 4) & 0x0F0F0F0Fu) * sc[mt][0] + cc[mt][0]) ^ 0x80808080u;
+        a[mt][j][3] = (((w1 >> 4) & 0x0F0F0F0Fu) * sc[mt][1] + cc[mt][1]) ^ 0x80808080u;
 #pragma unroll
-        for (int r = 0; r < 4; ++r) fence_operand(a[mt][r]);
+        for (int r = 0; r < 4; ++r) fence_operand(a[mt][j][r]);
       }
-      wgmma_fence();
+    wgmma_fence();
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) WgmmaRS<BN>::mma(acc[mt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], desc + 2 * j);
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous sub-step's wgmma is done: its A registers (and, at j = 0, its stage) are free
-      if (j == 0 && it > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % STAGES]);
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        WgmmaRS<BN>::mma(acc[mt], a[mt][j][0], a[mt][j][1], a[mt][j][2], a[mt][j][3], desc + 2 * j);
+    wgmma_commit();
+    wgmma_wait<1>();
+    if (it > 0 && lane == 0) {
+      if constexpr (CL > 1) {
+#pragma unroll
+        for (int c = 0; c < CL; ++c) mbar_arrive_cluster(&empty[(it - 1) % STAGES], c);
+      } else {
+        mbar_arrive(&empty[(it - 1) % STAGES]);
+      }
     }
+  };
+  if (p.trace != nullptr && steps > 0) {
+    mbar_wait(&full[0], 0);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_data));
   }
+  int it = 0;
+  for (; it + 1 < steps; it += 2) {
+    do_step(it, areg[0]);
+    do_step(it + 1, areg[1]);
+  }
+  if (it < steps) do_step(it, areg[0]);
   wgmma_wait<0>();
+  if (p.trace != nullptr) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_main));
+  if constexpr (CL > 1) cluster_sync();
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -357,6 +429,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (channel + c < p.n) dst[c] = e[c];
     }
   }
+  if (p.trace != nullptr && ctid == 0) {
+    long long t_end, sm;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_end));
+    asm volatile("{ .reg .u32 r; mov.u32 r, %%smid; cvt.u64.u32 %0, r; }" : "=l"(sm));
+    long long* rec = p.trace + 6 * ((static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x);
+    rec[0] = sm, rec[1] = t_entry, rec[2] = t_start, rec[3] = t_data, rec[4] = t_main, rec[5] = t_end;
+  }
 #endif
 }
 
@@ -387,9 +466,14 @@ inline bool make_map(CUtensorMap* map, const void* base, uint64_t rows, uint64_t
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// Profiling: blocks of launches that follow record (SM, entry, consumer start, first stage landed,
+// main loop done, end) as %globaltimer ns into `trace` (6 x blocks int64); nullptr turns it off.
+inline long long* g_trace = nullptr;
+extern "C" inline void dgq_wgmma_set_trace(long long* trace) { g_trace = trace; }
+
 // 0 ok, 1 unsupported shape, 3 launch failure. x_p: (m, k_pad) int8 in the permuted order,
 // k_pad = k rounded up to 128. partials / counters: only read when splits > 1.
-template <int MT, int BN, int STAGES, typename Out>
+template <int MT, int BN, int STAGES, int CL, typename Out>
 int launch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x_p,
            const float* s_x, void* out, int* partials, int* counters, int m, int n, int k, int group, int splits,
            cudaStream_t stream) {
@@ -402,24 +486,30 @@ int launch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void*
   if (splits > 1 && (partials == nullptr || counters == nullptr)) return 1;
   CUtensorMap codes_map, tokens_map;
   if (!make_map(&codes_map, qweight, n, k / 2, k / 2, L::BM, kCodeBytes, false)) return 1;
-  if (!make_map(&tokens_map, x_p, m, k_pad, k_pad, BN, kStepK, true)) return 1;
-  Params p{s2, zp, static_cast<const __half*>(s1), s_x, out, partials, counters, m, n, k, group, steps, per};
-  auto kernel = wgmma_kernel<MT, BN, STAGES, Out>;
+  if (!make_map(&tokens_map, x_p, m, k_pad, k_pad, BN / CL, kStepK, true)) return 1;
+  Params p{s2, zp, static_cast<const __half*>(s1), s_x, out, partials, counters, g_trace, m, n, k, group, steps, per};
+  auto kernel = wgmma_kernel<MT, BN, STAGES, CL, Out>;
   static bool configured = [&] {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes) == cudaSuccess;
   }();
   if (!configured) return 3;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((n + L::BM - 1) / L::BM, (m + BN - 1) / BN, splits);
+  // channel blocks rounded up to whole clusters: a block past N loads zero codes (TMA fill) and
+  // its share of the tokens for its peers, and stores nothing
+  config.gridDim = dim3(((n + L::BM - 1) / L::BM + CL - 1) / CL * CL, (m + BN - 1) / BN, splits);
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = L::kBytes;
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attribute[2];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = CL;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  attribute[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[1].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   const char* disabled = getenv("DGQ_PDL");
-  config.numAttrs = (disabled && disabled[0] == '0') ? 0 : 1;
+  config.numAttrs = (disabled && disabled[0] == '0') ? 1 : 2;
   return cudaLaunchKernelEx(&config, kernel, codes_map, tokens_map, p) == cudaSuccess ? 0 : 3;
 }
 

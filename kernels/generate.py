@@ -178,10 +178,11 @@ class WgmmaVariant:
     mt: int
     bn: int
     stages: int
+    cluster: int = 1  # blocks along the channels sharing (multicasting) the token tile
 
     @property
     def name(self) -> str:
-        return f"w{128 * self.mt}x{self.bn}_s{self.stages}"
+        return f"w{128 * self.mt}x{self.bn}_s{self.stages}_c{self.cluster}"
 
 
 WGMMA_VARIANTS = (
@@ -190,6 +191,8 @@ WGMMA_VARIANTS = (
     WgmmaVariant(1, 256, 4),
     WgmmaVariant(2, 128, 4),
 )
+# Clusters of 2 sharing the token tile (multicast) are supported by the kernel and exact, but were
+# slower on the H200 wherever measured (docs/kernels.md), so none is instantiated.
 WGMMA_OUT = {"f16": "__half", "bf16": "__nv_bfloat16"}
 WGMMA_NS = sorted({v.bn for v in WGMMA_VARIANTS})
 
@@ -197,7 +200,7 @@ WGMMA_INSTANCE = """
 extern "C" int dgq_wgmma_{name}_{out}(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1,
                                     const int8_t* x_p, const float* s_x, void* out, int* partials, int* counters,
                                     int m, int n, int k, int group, int splits, cudaStream_t stream) {{
-  return dgq_wgmma::launch<{mt}, {bn}, {stages}, {out_type}>(qweight, s2, zp, s1, x_p, s_x, out, partials, counters,
+  return dgq_wgmma::launch<{mt}, {bn}, {stages}, {cluster}, {out_type}>(qweight, s2, zp, s1, x_p, s_x, out, partials, counters,
                                                               m, n, k, group, splits, stream);
 }}
 """
@@ -229,7 +232,7 @@ def emit_wgmma_variant(variant: WgmmaVariant) -> str:
     body = ['#include "dgq_wgmma_sm90.cuh"']
     for out, out_type in WGMMA_OUT.items():
         body.append(WGMMA_INSTANCE.format(name=variant.name, out=out, mt=variant.mt, bn=variant.bn,
-                                          stages=variant.stages, out_type=out_type))
+                                          stages=variant.stages, cluster=variant.cluster, out_type=out_type))
     return "\n".join(body)
 
 

@@ -87,13 +87,13 @@ def copy_bandwidth(dev, gib: int = 4) -> float:
 def wgmma_configs(lib, m: int, n: int, k: int, sms: int) -> list[tuple[int, int, int, int]]:
     """Every instantiated wgmma tile, with the split-K counts that keep the grid within ~2 waves."""
     configs = []
-    for bm, bn, stages in lib.wgmma_variants:
+    for bm, bn, stages, cluster in lib.wgmma_variants:
         if bn > 64 and m <= 32 or bn > 128 and m <= 64:
             continue  # a block mostly of padding tokens
-        tiles = -(-n // bm) * -(-m // bn)
+        tiles = runtime._wgmma_tiles(m, n, bm, bn, cluster)
         for splits in SPLITS:
             if splits == 1 or tiles * splits <= 2 * sms and k // 128 >= 4 * splits:
-                configs.append((bm, bn, stages, splits))
+                configs.append((bm, bn, stages, cluster, splits))
     return configs
 
 

@@ -70,7 +70,7 @@ def test_kernel_library_compiles(arch):
     assert "dgq_gemv_f16" in symbols and "dgq_unpack_s8" in symbols and "dgq_quantize_rows_bf16" in symbols
     assert "dgq_mma_bf16" in symbols
     assert ("dgq_gemm_co_128x256x128_c2x1_bf16" in symbols) == (arch == "sm_90a")
-    assert ("dgq_wgmma_w128x128_s6_bf16" in symbols) == (arch == "sm_90a")
+    assert ("dgq_wgmma_w128x128_s6_c1_bf16" in symbols) == (arch == "sm_90a")
     assert "dgq_quantize_rows_perm_f16" in symbols and "dgq_permute_s8" in symbols
     assert ("dgq_gemm_a_128x128x64_s4_bf16" in symbols) == (arch == "sm_80")
 
@@ -225,13 +225,13 @@ def _wgmma_library():
 
 
 def _wgmma_configs(lib, m, n, k):
-    """Every instantiated tile with split-K off, at its default split and at 3 splits."""
+    """Every instantiated tile and cluster with split-K off, at its default split and at 3 splits."""
     from dgqtool.kernels import runtime
 
     configs = []
-    for bm, bn, stages in lib.wgmma_variants:
-        for splits in {1, 3, runtime.wgmma_splits(m, n, k, bm, bn)}:
-            configs.append((bm, bn, stages, splits))
+    for bm, bn, stages, cluster in lib.wgmma_variants:
+        for splits in {1, 3, runtime.wgmma_splits(m, n, k, bm, bn, cluster=cluster)}:
+            configs.append((bm, bn, stages, cluster, splits))
     return configs
 
 
@@ -319,7 +319,7 @@ def test_dgq_linear_through_wgmma_equals_reference(out_dtype, static):
     w, qweight, s2, zero, s1 = _weight(n, k, group)
     w_s8 = w.int8_weight().cuda()
     scale = torch.tensor([0.02], device="cuda") if static else None
-    tuned = {tuple(v[1]) for v in lib.paths.values() if v[0] == "wgmma"}
+    tuned = {tuple(v[1]) for v in lib.paths.values() if v[0] == "wgmma" and len(v[1]) == 5}
     saved = dict(lib.paths)
     try:
         for m in (17, 100, 1000):

@@ -39,8 +39,8 @@ MMA_MAX_ROWS = 64
 MMA_DEFAULT = (1, 8)
 MMA_CONFIGS = [(1, 4), (1, 8), (2, 4), (2, 8)]
 MMA_WIDE = (1, 16)  # 16 warps per block: built for up to 16 tokens only (register cap)
-# The fused wgmma kernel: (block channels, block tokens, stages, splits); the first three name an
-# instantiation (kernels/generate.py WGMMA_VARIANTS), splits is a launch argument (0: chosen here).
+# The fused wgmma kernel: (block channels, block tokens, stages, cluster, splits); the first four
+# name an instantiation (kernels/generate.py WGMMA_VARIANTS), splits is a launch argument (0: chosen here).
 WGMMA_COUNTERS = 1 << 16  # split-K tile counters per device (zero between launches)
 _OUT_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 _IN_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -70,11 +70,11 @@ class KernelLibrary:
             self._sig(f"dgq_quantize_rows_perm_{suffix}", [ptr] * 4 + [i32, i32, ptr])
         self._sig("dgq_permute_s8", [ptr, ptr, i32, i32, ptr])
         listing = path.parent / "wgmma_variants.json"
-        self.wgmma_variants = [(128 * v["mt"], v["bn"], v["stages"]) for v in json.loads(listing.read_text())] \
-            if listing.is_file() else []
-        for bm, bn, stages in self.wgmma_variants:
+        self.wgmma_variants = [(128 * v["mt"], v["bn"], v["stages"], v["cluster"])
+                               for v in json.loads(listing.read_text())] if listing.is_file() else []
+        for bm, bn, stages, cluster in self.wgmma_variants:
             for suffix in _OUT_SUFFIX.values():
-                self._sig(f"dgq_wgmma_w{bm}x{bn}_s{stages}_{suffix}", [ptr] * 9 + [i32] * 5 + [ptr])
+                self._sig(f"dgq_wgmma_w{bm}x{bn}_s{stages}_c{cluster}_{suffix}", [ptr] * 9 + [i32] * 5 + [ptr])
         self.gemm_variants = [v["name"] for v in json.loads(
             (path.parent / "variants.json").read_text())] if build.uses_cutlass(arch) else []
         for name in self.gemm_variants:
@@ -220,39 +220,43 @@ def _wgmma_counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(WGMMA_COUNTERS, dtype=torch.int32, device=device)
 
 
-def wgmma_default(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int, int]:
+def wgmma_default(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int, int, int]:
     """The fused wgmma kernel's configuration for an untuned shape: tokens per block from M, split-K
     up to about one wave of blocks (each split keeping at least 4 K steps)."""
     bm, bn, stages = (128, 64, 8) if m <= 64 else (128, 128, 6) if m <= 1024 else (128, 256, 4)
-    return bm, bn, stages, wgmma_splits(m, n, k, bm, bn, sms)
+    return bm, bn, stages, 1, wgmma_splits(m, n, k, bm, bn, sms)
 
 
-def wgmma_splits(m: int, n: int, k: int, bm: int, bn: int, sms: int = 132) -> int:
-    tiles = -(-n // bm) * -(-m // bn)
+def _wgmma_tiles(m: int, n: int, bm: int, bn: int, cluster: int = 1) -> int:
+    return -(-(-(-n // bm)) // cluster) * cluster * -(-m // bn)
+
+
+def wgmma_splits(m: int, n: int, k: int, bm: int, bn: int, sms: int = 132, cluster: int = 1) -> int:
+    tiles = _wgmma_tiles(m, n, bm, bn, cluster)
     if tiles >= sms or tiles > WGMMA_COUNTERS:
         return 1
     return max(1, min(sms // tiles, _padded(k) // 128 // 4))
 
 
 def wgmma_permuted(lib: KernelLibrary, x_p, s_x, qweight, s2, zero, s1, group: int, out_dtype,
-                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                   config: tuple[int, ...] | None = None) -> torch.Tensor:
     """Fused wgmma W4A8 GEMM on activations already in its order (quantize_rows_permuted /
-    permute_s8); config = (block channels, block tokens, stages, splits; splits 0 = default)."""
+    permute_s8); config = (block channels, block tokens, stages, cluster, splits; splits 0 = default)."""
     m = x_p.shape[0]
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    bm, bn, stages, splits = config or wgmma_default(m, n, k, _sm_count(x_p.device))
+    bm, bn, stages, cluster, splits = config or wgmma_default(m, n, k, _sm_count(x_p.device))
     if not splits:
-        splits = wgmma_splits(m, n, k, bm, bn, _sm_count(x_p.device))
+        splits = wgmma_splits(m, n, k, bm, bn, _sm_count(x_p.device), cluster)
     out = torch.empty(m, n, dtype=out_dtype, device=x_p.device)
     steps = _padded(k) // 128
     per = -(-steps // splits)
     splits = -(-steps // per)
-    tiles = -(-n // bm) * -(-m // bn)
+    tiles = _wgmma_tiles(m, n, bm, bn, cluster)
     if splits > 1 and tiles > WGMMA_COUNTERS:
         splits = 1
     partials = torch.empty(tiles * splits * bm * bn if splits > 1 else 0, dtype=torch.int32, device=x_p.device)
     counters = _wgmma_counters(x_p.device)
-    lib.call(f"dgq_wgmma_w{bm}x{bn}_s{stages}_{_OUT_SUFFIX[out_dtype]}", qweight.data_ptr(), s2.data_ptr(),
+    lib.call(f"dgq_wgmma_w{bm}x{bn}_s{stages}_c{cluster}_{_OUT_SUFFIX[out_dtype]}", qweight.data_ptr(), s2.data_ptr(),
              zero.data_ptr(), s1.data_ptr(), x_p.data_ptr(), s_x.data_ptr(), out.data_ptr(),
              partials.data_ptr() if splits > 1 else None, counters.data_ptr(), m, n, k, group, splits,
              _stream(x_p.device))
@@ -260,7 +264,7 @@ def wgmma_permuted(lib: KernelLibrary, x_p, s_x, qweight, s2, zero, s1, group: i
 
 
 def wgmma(lib: KernelLibrary, x_q, s_x, qweight, s2, zero, s1, group: int, out_dtype,
-          config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+          config: tuple[int, ...] | None = None) -> torch.Tensor:
     """Fused wgmma W4A8 GEMM on natural int8 activations x_q (M, K) (permuted here first)."""
     return wgmma_permuted(lib, permute_s8(lib, x_q), s_x, qweight, s2, zero, s1, group, out_dtype, config)
 
@@ -290,7 +294,7 @@ def choose_path(lib: KernelLibrary, m: int, n: int, k: int) -> tuple[str, tuple[
     """("gemv" | "mma" | "wgmma" | "gemm", its configuration) for an M x N x K problem."""
     tuned = lib.paths.get(f"{_bucket(m)},{n},{k}")
     if tuned is not None and (tuned[0] != "gemv" or m == 1):  # the GEMV takes one token only
-        if tuned[0] != "wgmma" or tuple(tuned[1][:3]) in lib.wgmma_variants:
+        if tuned[0] != "wgmma" or len(tuned[1]) == 5 and tuple(tuned[1][:4]) in lib.wgmma_variants:
             return tuned[0], tuple(tuned[1]) if len(tuned) > 1 else None
     if m == 1:
         return "gemv", GEMV_DEFAULT
