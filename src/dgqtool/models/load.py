@@ -147,16 +147,16 @@ def _offline_error(spec: str) -> DGQError:
 
 @contextmanager
 def _quiet_tqdm():
-    """transformers' GGUF reader draws its own tqdm bar; ours is the only progress shown."""
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    """transformers' GGUF reader draws its own tqdm bar (tqdm reads TQDM_DISABLE only when imported,
+    so the environment variable is too late): swap that module's tqdm for a plain iterator."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    previous = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = previous
+        gguf_utils.tqdm = previous
 
 
 def _gguf_cache(source: ModelSource) -> Path:
