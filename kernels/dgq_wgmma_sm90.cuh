@@ -171,7 +171,7 @@ struct Layout {
   static constexpr int kCodeStage = BM * kCodeBytes;   // one stage of codes
   static constexpr int kStageBytes = kTokenBytes + kCodeStage;
   static constexpr int kStagingRow = BM * 2 + 16;       // epilogue tile row (bytes): padded, no bank conflicts
-  static constexpr int kStaging = BN * kStagingRow;
+  static constexpr int kStaging = BN * kStagingRow + BN * 4;  // the tile, then s_x of its tokens
   static constexpr int kData = (STAGES * kStageBytes > kStaging ? STAGES * kStageBytes : kStaging);
   static constexpr int kBytes = 1024 + kData + 2 * STAGES * 8 + 16;  // alignment slack, barriers, flag
   static_assert(kTokenBytes % 1024 == 0, "token stages must keep the 1024-byte swizzle alignment");
@@ -389,24 +389,35 @@ __global__ void __launch_bounds__(kThreads, 1)
   // epilogue: (acc * s_x[token]) * s1[channel], staged in shared memory as [token][channel]
   wait_for_producer();  // s_x comes from the activation quantization
   named_barrier(1, 256);  // both consumer warpgroups are done reading the stages the tile overwrites
-  uint8_t* staging = smem;
+  // Shared memory only through explicit ld/st.shared: generic stores into the tile would (as SASS
+  // showed) be ordered against every global s_x load, one L2 round trip per token pair.
+  const uint32_t staging = smem_addr(smem), sx_smem = staging + BN * L::kStagingRow;
+  for (int i = ctid; i < BN; i += 256) {
+    const float v = p.s_x[min(tok0 + i, p.m - 1)];
+    asm volatile("st.shared.f32 [%0], %1;" ::"r"(sx_smem + 4 * i), "f"(v) : "memory");
+  }
   float s1v[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) s1v[mt][h] = __half2float(p.s1[chan[mt][h]]);
+  named_barrier(1, 256);
 #pragma unroll
   for (int nb = 0; nb < BN / 8; ++nb) {
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const int tl = 8 * nb + 2 * t + c;
-      const float sx = p.s_x[min(tok0 + tl, p.m - 1)];
+      float sx;
+      asm volatile("ld.shared.f32 %0, [%1];" : "=f"(sx) : "r"(sx_smem + 4 * tl));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float v = __fmul_rn(__fmul_rn(static_cast<float>(acc[mt][4 * nb + 2 * h + c]), sx), s1v[mt][h]);
-          *reinterpret_cast<Out*>(staging + tl * L::kStagingRow + row[mt][h] * 2) = from_float<Out>(v);
+          const Out o = from_float<Out>(v);
+          asm volatile("st.shared.b16 [%0], %1;" ::"r"(staging + tl * L::kStagingRow + row[mt][h] * 2),
+                       "h"(*reinterpret_cast<const unsigned short*>(&o))
+                       : "memory");
         }
     }
   }
@@ -418,7 +429,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int tl = i / VECS, cv = i % VECS;
     const int token = tok0 + tl, channel = ch0 + cv * 8;
     if (token >= p.m || channel >= p.n) continue;
-    const uint4 v = *reinterpret_cast<const uint4*>(staging + tl * L::kStagingRow + cv * 16);
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(staging + tl * L::kStagingRow + cv * 16));
     Out* dst = out + static_cast<int64_t>(token) * p.n + channel;
     if (vector_ok) {
       *reinterpret_cast<uint4*>(dst) = v;
@@ -468,8 +482,7 @@ inline bool make_map(CUtensorMap* map, const void* base, uint64_t rows, uint64_t
 
 // Profiling: blocks of launches that follow record (SM, entry, consumer start, first stage landed,
 // main loop done, end) as %globaltimer ns into `trace` (6 x blocks int64); nullptr turns it off.
-inline long long* g_trace = nullptr;
-extern "C" inline void dgq_wgmma_set_trace(long long* trace) { g_trace = trace; }
+inline long long* g_trace = nullptr;  // set by dgq_wgmma_set_trace (wgmma_common.cu)
 
 // 0 ok, 1 unsupported shape, 3 launch failure. x_p: (m, k_pad) int8 in the permuted order,
 // k_pad = k rounded up to 128. partials / counters: only read when splits > 1.
@@ -508,8 +521,11 @@ int launch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void*
   attribute[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[1].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
+  // Programmatic dependent launch only for small M: a waiting block holds a whole SM's registers,
+  // which at large M starves the activation quantization it waits for (measured: qkv M = 2048
+  // linear 17 us above kernel + quantization with it on).
   const char* disabled = getenv("DGQ_PDL");
-  config.numAttrs = (disabled && disabled[0] == '0') ? 1 : 2;
+  config.numAttrs = (disabled && disabled[0] == '0') || m > 256 ? 1 : 2;
   return cudaLaunchKernelEx(&config, kernel, codes_map, tokens_map, p) == cudaSuccess ? 0 : 3;
 }
 

@@ -250,6 +250,9 @@ def generate(out_dir: Path, arch: str = "sm_90a") -> list[dict]:
         (out_dir / "wgmma_ops.cuh").write_text(emit_wgmma_ops())
         for variant in WGMMA_VARIANTS:
             (out_dir / f"wgmma_{variant.name}.cu").write_text(emit_wgmma_variant(variant))
+        (out_dir / "wgmma_common.cu").write_text(
+            '#include "dgq_wgmma_sm90.cuh"\n\n// Profiling hook: the per-block trace buffer of the launches that follow (nullptr: off).\n'
+            'extern "C" void dgq_wgmma_set_trace(long long* trace) { dgq_wgmma::g_trace = trace; }\n')
         (out_dir / "wgmma_variants.json").write_text(json.dumps(
             [{"name": v.name, **asdict(v)} for v in WGMMA_VARIANTS], indent=1))
     return table
