@@ -306,6 +306,8 @@ def dgq_linear(lib: KernelLibrary, x: torch.Tensor, qweight, s2, zero, s1, group
     """One DGQ linear without bias: x (M, K) fp16/bf16 -> (M, N) in x's dtype; group % 32 == 0."""
     m, k = x.shape
     path, config = choose_path(lib, m, qweight.shape[0], k)
+    if path == "wgmma" and qweight.data_ptr() % 16:  # TMA needs 16-byte aligned codes: take the default path
+        path, config = ("mma", MMA_DEFAULT) if m <= MMA_MAX_ROWS else ("gemm", None)
     if path == "wgmma":
         x_p, s_x = quantize_rows_permuted(lib, x, static_scale)
         return wgmma_permuted(lib, x_p, s_x, qweight, s2, zero, s1, group, x.dtype, config)
