@@ -17,8 +17,9 @@ from .quant.quantizer import fake_quantize_activations
 
 # Integer GEMM + fp32 epilogue vs the dequantized fp32 matmul: only float rounding may differ.
 INTEGER_PATH_RTOL = 1e-4
-# Logits of a correct W4A8 checkpoint against its own float model: rel. L2 0.05-0.25 measured on
-# SmolLM2-135M and the tiny test models; another model's logits land near 1 (uncorrelated).
+# Logits of a correct W4A8 checkpoint against its own float model: rel. L2 0.223 measured on
+# SmolLM2-135M (g64, the quickest recipe: 4 x 256 calibration tokens, grid2 10; top-1 agreement 63 %);
+# another model's logits are uncorrelated with these (rel. L2 near or above 1).
 MAX_LOGIT_REL_DIFF = 0.5
 
 
