@@ -2,6 +2,7 @@
 
 The model skeleton is built on the meta device, so no float copy of the quantized weights is ever
 allocated; only the unquantized tensors (embeddings, norms, lm_head) and the packed buffers are.
+Nothing is ever run from the checkpoint: every transformers call passes trust_remote_code=False.
 """
 
 from __future__ import annotations
@@ -12,36 +13,38 @@ import torch
 
 from .artifacts import read_json, read_tensors
 from .errors import DGQError
+from .format import PACKED_NAMES, WEIGHT_FORMATS, WEIGHTS, group_of, read_checkpoint
 from .models.adapters import adapter_for, decoder_layers
 from .models.load import DTYPES
-from .nn.dgq_linear import FORMATS
+from .nn.dgq_linear import FORMATS, _W4A8Linear
 from .nn.fused import fuse_shared_inputs
-from .quant.dual_grained import format_violations, pack_nibbles
+from .quant.dual_grained import GroupWeight, format_violations
 
-PACKED_BUFFERS = {"qweight", "qzeros", "scales_s2", "scales_s1", "scales", "input_scale"}
-from .pack import CHECKPOINT_MANIFEST, WEIGHTS, read_checkpoint_config
+NO_REMOTE_CODE = {"local_files_only": True, "trust_remote_code": False}
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu", check_hashes: bool = True):
-    """Returns (model in eval mode, tokenizer, quantization_config)."""
+def load_checkpoint(path: str | Path, device: str = "cpu"):
+    """Returns (model in eval mode, tokenizer, quantization_config) of a dgq checkpoint, or of a
+    `dgq export --format compressed-tensors` directory."""
     path = Path(path)
-    config_dict = read_checkpoint_config(path)
-    q = config_dict["quantization_config"]
-    if q.get("format") not in FORMATS:
-        raise DGQError(f"{path}: unknown dgq weight format '{q.get('format')}'")
-    expected = read_json(path / CHECKPOINT_MANIFEST)["files"].get(WEIGHTS) if check_hashes else None
-    state = read_tensors(path / WEIGHTS, expected)
-    dtype = DTYPES.get(q.get("compute_dtype", "float32"), torch.float32)
-    group = int(q["group_size"])
-    model = _quantized_model(path, state, FORMATS[q["format"]], dtype, q.get("activation") == "static",
-                             lambda linear: linear.in_features if q.get("method") == "channelwise" else group)
-    return model.to(device).eval(), _tokenizer(path), q
+    if is_compressed_tensors(path):
+        return load_compressed_tensors(path, device)
+    config, state = read_checkpoint(path)
+    q = config["quantization_config"]
+    model = _quantized_model(path, state, FORMATS[q["format"]], DTYPES[q["compute_dtype"]],
+                             q["activation"] == "static", lambda linear, where: group_of(q, linear.in_features, where))
+    return model.to(device).eval(), tokenizer(path), q
 
 
 def fuse_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     """q/k/v and gate/up (each adapter input group) as one GEMM each; outputs are bit-identical."""
     fuse_shared_inputs(model, adapter_for(model.config.model_type))
     return model
+
+
+def is_compressed_tensors(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and (read_json(config).get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
 
 
 def load_compressed_tensors(path: str | Path, device: str = "cpu"):
@@ -58,6 +61,7 @@ def load_compressed_tensors(path: str | Path, device: str = "cpu"):
     if q.get("format") != "pack-quantized" or weights.get("num_bits") != 4 or weights.get("strategy") != "group":
         raise DGQError(f"{path}: not a 4-bit group pack-quantized compressed-tensors checkpoint")
     state = read_tensors(path / WEIGHTS)
+    group_format = WEIGHT_FORMATS["w4-group"]
     for prefix in [k.removesuffix(".weight_packed") for k in state if k.endswith(".weight_packed")]:
         shape = torch.Size(state.pop(f"{prefix}.weight_shape").tolist())
         codes = unpack_from_int32(state.pop(f"{prefix}.weight_packed"), 4, shape) + 8
@@ -65,43 +69,59 @@ def load_compressed_tensors(path: str | Path, device: str = "cpu"):
         zero_packed = state.pop(f"{prefix}.weight_zero_point", None)
         zero = (torch.full(scale.shape, 8, dtype=torch.int32) if zero_packed is None
                 else unpack_from_int32(zero_packed, 4, scale.shape, packed_dim=0).to(torch.int32) + 8)
-        state[f"{prefix}.qweight"] = pack_nibbles(codes.to(torch.uint8))
-        state[f"{prefix}.qzeros"] = zero.to(torch.uint8)
-        state[f"{prefix}.scales"] = scale.half()
+        packed = group_format.encode(GroupWeight(codes.to(torch.uint8), zero.to(torch.uint8), scale))
+        state.update({f"{prefix}.{name}": tensor for name, tensor in packed.items()})
     dtype = DTYPES.get(config.get("torch_dtype") or config.get("dtype") or "float16", torch.float16)
     static = not scheme.get("input_activations", {}).get("dynamic", True)
     group = int(weights["group_size"])
-    model = _quantized_model(path, state, FORMATS["w4-group"], dtype, static, lambda linear: group)
-    return model.to(device).eval(), _tokenizer(path), q
+    model = _quantized_model(path, state, FORMATS[group_format.name], dtype, static, lambda linear, where: group)
+    return model.to(device).eval(), tokenizer(path), q
 
 
-def _tokenizer(path: Path):
+def tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), **NO_REMOTE_CODE)
+    except (OSError, ValueError) as exc:
+        raise DGQError(f"{path}: cannot load the tokenizer: {str(exc).splitlines()[0]}") from None
 
 
-def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, group_of):
-    """A transformers model built on meta whose adapter linears are `module_type`, filled from `state`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # ours, not a transformers quantizer
-    adapter = adapter_for(config.model_type)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for layer in decoder_layers(model, adapter):
+def replace_linears(model: torch.nn.Module, module_type: type[_W4A8Linear], dtype, static: bool, group_of_linear) -> None:
+    """Swap every adapter linear of a (meta) model for an empty `module_type` of its shape."""
+    adapter = adapter_for(model.config.model_type)
+    for index, layer in enumerate(decoder_layers(model, adapter)):
         for name in adapter.linear_names():
             linear = layer.get_submodule(name)
             with torch.device("meta"):
-                module = module_type(linear.in_features, linear.out_features, group_of(linear),
+                module = module_type(linear.in_features, linear.out_features, group_of_linear(linear, f"layer {index} {name}"),
                                      bias=linear.bias is not None, static=static, dtype=dtype)
             layer.set_submodule(name, module)
+
+
+def check_quantized_modules(model: torch.nn.Module, where: Path) -> None:
+    """Never run a model on out-of-range codes or scales."""
+    for name, module in model.named_modules():
+        if isinstance(module, _W4A8Linear):
+            problems = format_violations(module.quantized_weight())
+            if problems:
+                raise DGQError(f"{where}: {name}: {problems[0]}")
+
+
+def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, group_of_linear):
+    """A transformers model built on meta whose adapter linears are `module_type`, filled from `state`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), **NO_REMOTE_CODE)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the modules are swapped here, not by a transformers quantizer
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    replace_linears(model, module_type, dtype, static, group_of_linear)
     model.to_empty(device="cpu")
     expected = model.state_dict()
     for key, tensor in state.items():  # load_state_dict would silently cast a wrong dtype
-        if key.rsplit(".", 1)[-1] in PACKED_BUFFERS and key in expected and tensor.dtype != expected[key].dtype:
+        if key.rsplit(".", 1)[-1] in PACKED_NAMES and key in expected and tensor.dtype != expected[key].dtype:
             raise DGQError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected {expected[key].dtype}")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -114,11 +134,7 @@ def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, 
         if any(True for _ in module.buffers(recurse=False)) and getattr(module, "_non_persistent_buffers_set", None):
             model._init_weights(module)  # recompute rotary tables and other derived buffers
     model.tie_weights()
-    for name, module in model.named_modules():  # never run a model on out-of-range codes or scales
-        if isinstance(module, tuple(FORMATS.values())):
-            problems = format_violations(module.quantized_weight())
-            if problems:
-                raise DGQError(f"{path}: {name}: {problems[0]}")
+    check_quantized_modules(model, path)
     return model
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import read_json, read_tensors, sha256_file, write_json, write_tensors
+from .artifacts import write_json, write_tensors
 from .errors import DGQError
+from .format import CHANNELWISE, CONFIG, MANIFEST, WEIGHTS, read_checkpoint, split_linears, write_dir
 from .models.load import DTYPES
-from .pack import CHECKPOINT_MANIFEST, WEIGHTS, read_checkpoint_config, write_checkpoint_dir
-from .quant.dual_grained import unpack_nibbles
+from .quant.dual_grained import DualGrainedWeight, QuantizedWeight
 
 FORMATS = ("dgq", "compressed-tensors")
 # int4 in compressed-tensors is signed, [-8, 7]: DGQ's unsigned codes and zero points shift by 8
@@ -34,12 +34,12 @@ def _scheme(group: int, symmetric: bool, static: bool):
     return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
 
 
-def _combined_scale(state: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+def _combined_scale(weight: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     """(channel, group) float scale and its max relative error against DGQ's exact s1 * S2."""
-    if f"{prefix}.scales_s2" in state:
-        exact = state[f"{prefix}.scales_s1"].double().unsqueeze(1) * state[f"{prefix}.scales_s2"].double()
+    if isinstance(weight, DualGrainedWeight):
+        exact = weight.s1.double().unsqueeze(1) * weight.s2.double()
     else:  # baseline group-wise format: already one float scale per group
-        exact = state[f"{prefix}.scales"].double()
+        exact = weight.scale.double()
     scale = exact.to(dtype)
     return scale, float(((scale.double() - exact).abs() / exact.abs().clamp(min=1e-30)).max())
 
@@ -48,20 +48,18 @@ def compressed_state(state: dict[str, torch.Tensor], qconfig: dict, dtype: torch
     """Returns (tensors, scheme, max scale error): every quantized linear compressed, the rest as is."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
 
-    prefixes = [k.removesuffix(".qweight") for k in state if k.endswith(".qweight")]
-    if not prefixes:
+    weights, out = split_linears(state)
+    if not weights:
         raise DGQError("the checkpoint holds no quantized linears")
-    symmetric = all(bool((state[f"{p}.qzeros"] == SIGNED_OFFSET).all()) for p in prefixes)
-    scheme = _scheme(int(qconfig["group_size"]), symmetric, f"{prefixes[0]}.input_scale" in state)
-    owned = {f"{p}.{name}" for p in prefixes for name in ("qweight", "qzeros", "scales_s2", "scales_s1", "scales")}
-    out = {k: v for k, v in state.items() if k not in owned}
+    if qconfig["group_size"] == CHANNELWISE:
+        raise DGQError("a channel-wise checkpoint has no group-wise compressed-tensors form; export a grouped recipe")
+    symmetric = all(bool((w.zero == SIGNED_OFFSET).all()) for w in weights.values())
+    scheme = _scheme(qconfig["group_size"], symmetric, f"{next(iter(weights))}.input_scale" in state)
     worst = 0.0
-    for prefix in prefixes:
-        codes = unpack_nibbles(state[f"{prefix}.qweight"]).to(torch.int32)
-        zero = state[f"{prefix}.qzeros"].to(torch.int32)
-        scale, err = _combined_scale(state, prefix, dtype)
+    for prefix, qweight in weights.items():
+        codes, zero, group = qweight.codes.to(torch.int32), qweight.zero.to(torch.int32), qweight.group
+        scale, err = _combined_scale(qweight, dtype)
         worst = max(worst, err)
-        group = codes.shape[1] // zero.shape[1]
         # the float weight the exported checkpoint means; the compressor re-derives the codes from it
         weight = (codes - zero.repeat_interleave(group, 1)).float() * scale.float().repeat_interleave(group, 1)
         module_state = {"weight": weight, "weight_scale": scale,
@@ -83,17 +81,15 @@ def export_checkpoint(src: Path, out: Path, fmt: str = "compressed-tensors", for
     """Write `src` (a packed dgq checkpoint) to `out` in `fmt`; returns a summary."""
     if fmt not in FORMATS:
         raise DGQError(f"unknown export format '{fmt}'; formats: {', '.join(FORMATS)}")
-    config = read_checkpoint_config(src)
+    config, state = read_checkpoint(src)
     qconfig = config["quantization_config"]
-    recorded = read_json(src / CHECKPOINT_MANIFEST)["files"]
-    state = read_tensors(src / WEIGHTS, recorded.get(WEIGHTS))
     summary = {"source": str(src), "output": str(out), "format": fmt}
     if fmt == "dgq":
         def contents(tmp: Path) -> dict[str, str]:
             for path in src.iterdir():
-                if path.is_file() and path.name != CHECKPOINT_MANIFEST:
+                if path.is_file() and path.name != MANIFEST:
                     shutil.copy2(path, tmp / path.name)
-            return recorded
+            return {}
     else:
         try:
             import compressed_tensors  # noqa: F401
@@ -106,11 +102,11 @@ def export_checkpoint(src: Path, out: Path, fmt: str = "compressed-tensors", for
 
         def contents(tmp: Path) -> dict[str, str]:
             for path in src.iterdir():  # tokenizer and generation files
-                if path.is_file() and path.name not in {WEIGHTS, "config.json", CHECKPOINT_MANIFEST}:
+                if path.is_file() and path.name not in {WEIGHTS, CONFIG, MANIFEST}:
                     shutil.copy2(path, tmp / path.name)
             digest = write_tensors(tmp / WEIGHTS, tensors, {"format": "pt"})
-            write_json(tmp / "config.json", config)
-            return {WEIGHTS: digest, "config.json": sha256_file(tmp / "config.json")}
+            write_json(tmp / CONFIG, config)
+            return {WEIGHTS: digest}
 
-    summary["files"] = write_checkpoint_dir(out, force, contents)["files"]
+    summary["files"] = write_dir(out, force, contents)["files"]
     return summary

@@ -7,24 +7,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..format import INPUT_SCALE, WEIGHT_FORMATS, WeightFormat, format_of
 from ..gemm import dual_scale_gemm
 from ..kernels import runtime as kernels
-from ..quant.dual_grained import DualGrainedWeight, GroupWeight, pack_nibbles, unpack_nibbles
+from ..quant.dual_grained import DualGrainedWeight, GroupWeight
 from ..quant.quantizer import quantize_per_tensor, quantize_per_token
+
+__all__ = ["DGQLinear", "FORMATS", "GroupW4A8Linear", "format_of"]  # format_of: imported from here by the stages
 
 
 class _W4A8Linear(nn.Module):
-    """Shared buffers (packed codes, zeros, optional static input scale, bias) and activation quant."""
+    """The format's packed buffers, an optional static input scale and bias, and activation quant."""
 
-    def __init__(self, in_features: int, out_features: int, group: int, bias: bool, static: bool, dtype):
+    FORMAT: WeightFormat
+
+    def __init__(self, in_features: int, out_features: int, group: int, bias: bool = False, static: bool = False,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         if group <= 0 or in_features % group or in_features % 2:
             raise ValueError(f"group {group} does not divide in_features {in_features}")
         self.in_features, self.out_features, self.group = in_features, out_features, group
-        n_g = in_features // group
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("qzeros", torch.zeros(out_features, n_g, dtype=torch.uint8))
-        self.register_buffer("input_scale", torch.ones(1) if static else None)
+        for name, tensor in self.FORMAT.empty(out_features, in_features, group).items():
+            self.register_buffer(name, tensor)
+        self.register_buffer(INPUT_SCALE, torch.ones(1) if static else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self._cache: torch.Tensor | None = None
 
@@ -37,9 +42,8 @@ class _W4A8Linear(nn.Module):
 
     @torch.no_grad()
     def load_quantized(self, weight, bias, input_scale) -> None:
-        self.qweight.copy_(pack_nibbles(weight.codes))
-        self.qzeros.copy_(weight.zero)
-        self._load_scales(weight)
+        for name, tensor in self.FORMAT.encode(weight).items():
+            getattr(self, name).copy_(tensor)
         if bias is not None:
             self.bias.copy_(bias)
         if input_scale is not None:
@@ -49,8 +53,8 @@ class _W4A8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         return quantize_per_token(x2) if self.input_scale is None else quantize_per_tensor(x2, self.input_scale)
 
-    def codes(self) -> torch.Tensor:
-        return unpack_nibbles(self.qweight)
+    def quantized_weight(self) -> DualGrainedWeight | GroupWeight:
+        return self.FORMAT.decode({name: getattr(self, name) for name in self.FORMAT.names()})
 
     def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
@@ -69,18 +73,7 @@ class _W4A8Linear(nn.Module):
 class DGQLinear(_W4A8Linear):
     """W4A8 DGQ: int8 GEMM on S2 * (codes - zp), epilogue s_x * s1."""
 
-    def __init__(self, in_features, out_features, group, bias=False, static=False, dtype=torch.float32):
-        super().__init__(in_features, out_features, group, bias, static, dtype)
-        n_g = in_features // group
-        self.register_buffer("scales_s2", torch.ones(out_features, n_g, dtype=torch.int8))
-        self.register_buffer("scales_s1", torch.ones(out_features, dtype=torch.float16))
-
-    def _load_scales(self, weight: DualGrainedWeight) -> None:
-        self.scales_s2.copy_(weight.s2)
-        self.scales_s1.copy_(weight.s1.half())
-
-    def quantized_weight(self) -> DualGrainedWeight:
-        return DualGrainedWeight(self.codes(), self.qzeros, self.scales_s2, self.scales_s1.float())
+    FORMAT = WEIGHT_FORMATS["dgq"]
 
     def int8_weight(self) -> torch.Tensor:
         if self._cache is None:
@@ -101,15 +94,7 @@ class DGQLinear(_W4A8Linear):
 class GroupW4A8Linear(_W4A8Linear):
     """Baseline formats (rtn, groupwise, channelwise): float scale per group, fake-quantized matmul."""
 
-    def __init__(self, in_features, out_features, group, bias=False, static=False, dtype=torch.float32):
-        super().__init__(in_features, out_features, group, bias, static, dtype)
-        self.register_buffer("scales", torch.ones(out_features, in_features // group, dtype=torch.float16))
-
-    def _load_scales(self, weight: GroupWeight) -> None:
-        self.scales.copy_(weight.scale.half())
-
-    def quantized_weight(self) -> GroupWeight:
-        return GroupWeight(self.codes(), self.qzeros, self.scales.float())
+    FORMAT = WEIGHT_FORMATS["w4-group"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._cache is None:
@@ -119,8 +104,4 @@ class GroupW4A8Linear(_W4A8Linear):
         return self._finish(out.to(x.dtype), x)
 
 
-FORMATS: dict[str, type[_W4A8Linear]] = {"dgq": DGQLinear, "w4-group": GroupW4A8Linear}
-
-
-def format_of(weight: DualGrainedWeight | GroupWeight) -> str:
-    return "dgq" if isinstance(weight, DualGrainedWeight) else "w4-group"
+FORMATS: dict[str, type[_W4A8Linear]] = {m.FORMAT.name: m for m in (DGQLinear, GroupW4A8Linear)}

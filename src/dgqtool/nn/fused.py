@@ -15,8 +15,6 @@ from torch import nn
 from ..models.adapters import Adapter, decoder_layers
 from .dgq_linear import _W4A8Linear
 
-_PER_CHANNEL = ("qweight", "qzeros", "scales_s2", "scales_s1", "scales")
-
 
 class SharedInputLinear(nn.Module):
     """One fused quantized linear whose output is handed out in member slices."""
@@ -79,9 +77,8 @@ def fuse(members: list[_W4A8Linear]) -> _W4A8Linear:
     fused = type(first)(first.in_features, sum(m.out_features for m in members), first.group,
                         bias=any(b is not None for b in biases), static=first.input_scale is not None, dtype=dtype)
     fused = fused.to(first.qweight.device)
-    for name in _PER_CHANNEL:
-        if hasattr(fused, name):
-            getattr(fused, name).copy_(torch.cat([getattr(m, name) for m in members]))
+    for name in fused.FORMAT.names():  # every packed tensor is per output channel
+        getattr(fused, name).copy_(torch.cat([getattr(m, name) for m in members]))
     if fused.bias is not None:
         fused.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=dtype,
                                     device=fused.bias.device) for m in members]))
