@@ -108,6 +108,21 @@ def check_quantized_modules(model: torch.nn.Module, where: Path) -> None:
                 raise DGQError(f"{where}: {name}: {problems[0]}")
 
 
+def packed_problem(model: torch.nn.Module, found: dict[str, tuple]) -> str | None:
+    """The first mismatch between the packed tensors the model's modules hold and `found`
+    (name -> (dtype, shape)), or None: a wrong dtype would be cast silently by either loader."""
+    expected = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in PACKED_NAMES}
+    for key, (dtype, shape) in expected.items():
+        if key not in found:
+            return f"tensor {key} is missing"
+        if found[key][0] != dtype:
+            return f"tensor {key} has dtype {found[key][0]}, expected {dtype}"
+        if found[key][1] != shape:
+            return f"tensor {key} of shape {found[key][1]} does not fit the model ({shape})"
+    extra = sorted(k for k in found if k.rsplit(".", 1)[-1] in PACKED_NAMES and k not in expected)
+    return f"unexpected tensor {extra[0]}" if extra else None
+
+
 def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, group_of_linear):
     """A transformers model built on meta whose adapter linears are `module_type`, filled from `state`."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -118,11 +133,10 @@ def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     replace_linears(model, module_type, dtype, static, group_of_linear)
+    problem = packed_problem(model, {k: (v.dtype, tuple(v.shape)) for k, v in state.items()})
+    if problem:
+        raise DGQError(f"{path}: {problem}")
     model.to_empty(device="cpu")
-    expected = model.state_dict()
-    for key, tensor in state.items():  # load_state_dict would silently cast a wrong dtype
-        if key.rsplit(".", 1)[-1] in PACKED_NAMES and key in expected and tensor.dtype != expected[key].dtype:
-            raise DGQError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected {expected[key].dtype}")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -109,6 +109,22 @@ def split_linears(state: dict[str, torch.Tensor]) -> tuple[dict[str, QuantizedWe
     return weights, {k: v for k, v in state.items() if k not in owned}
 
 
+def guard_key(state: dict) -> str:
+    """Where the guard goes: the first quantized linear's `weight`."""
+    return next(k for k in state if k.endswith(".qweight")).removesuffix("qweight") + "weight"
+
+
+def with_guard(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add an empty tensor under the float weight name of one quantized linear. transformers without
+    dgqtool imported skips the unknown quant_method and would silently leave every quantized linear
+    random; a size mismatch is an error there, so it stops instead. dgq's loaders drop it."""
+    return state | {guard_key(state): torch.zeros(0, dtype=torch.uint8)}
+
+
+def without_guard(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not (k.endswith(".weight") and k.removesuffix("weight") + "qweight" in state)}
+
+
 # ----------------------------------------------------------------------------------- config block
 
 
@@ -171,9 +187,8 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def checked_files(path: Path) -> dict[str, str]:
-    """The manifest's file -> sha256, after checking that it covers every file in the directory and
-    that every file but the weights (hashed as they are read) matches."""
+def check_files(path: Path) -> None:
+    """The manifest covers every file in the directory and every file matches its hash."""
     files = read_json(path / MANIFEST).get("files")
     if not isinstance(files, dict) or WEIGHTS not in files:
         raise DGQError(f"{path}: {MANIFEST} lists no {WEIGHTS}")
@@ -183,17 +198,39 @@ def checked_files(path: Path) -> dict[str, str]:
     if set(files) - present:
         raise DGQError(f"{path}: {sorted(set(files) - present)[0]} is missing (listed in {MANIFEST})")
     for name, digest in sorted(files.items()):
-        if name != WEIGHTS and sha256_file(path / name) != digest:
+        if sha256_file(path / name) != digest:
             raise DGQError(f"{path}: {name} does not match its hash in {MANIFEST} (edited or corrupt)")
     if not any(name in files for name in TOKENIZER_FILES):
         raise DGQError(f"{path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
-    return files
+
+
+def checked_config(path: Path) -> dict:
+    """config.json of a dgq checkpoint whose fields and files all check out."""
+    config = read_config(path)
+    check_files(path)
+    return config
+
+
+_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+                      "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def tensor_header(path: Path) -> dict[str, tuple[torch.dtype | str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor in a safetensors file, from its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            return {k: (_SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()), tuple(s.get_shape())) for k, s in slices.items()}
+    except (SafetensorError, OSError) as exc:
+        raise DGQError(f"{path} is not a valid safetensors file: {exc}") from None
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, tensors) of a dgq checkpoint, every file checked against the manifest."""
-    config = read_config(path)
-    return config, read_tensors(path / WEIGHTS, checked_files(path)[WEIGHTS])
+    config = checked_config(path)
+    return config, without_guard(read_tensors(path / WEIGHTS))
 
 
 def write_dir(out: Path, force: bool, contents: Callable[[Path], dict[str, str]]) -> dict:

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .artifacts import write_json, write_tensors
-from .format import CONFIG, MANIFEST as CHECKPOINT_MANIFEST, WEIGHTS, quantization_config, read_config as read_checkpoint_config, write_dir
+from .format import (CONFIG, MANIFEST as CHECKPOINT_MANIFEST, WEIGHTS, quantization_config, read_config as read_checkpoint_config,
+                     with_guard, write_dir)
 
 __all__ = [  # the stages and the CLI import these from here
     "CHECKPOINT_MANIFEST", "quantization_config", "read_checkpoint_config", "write_checkpoint",
@@ -30,7 +31,7 @@ def write_checkpoint(model: nn.Module, tokenizer, qconfig: dict, out: Path, forc
     """Write the packed checkpoint directory (weights, config, tokenizer, manifest); returns the manifest."""
 
     def contents(tmp: Path) -> dict[str, str]:
-        digest = write_tensors(tmp / WEIGHTS, _state_without_tied(model), {"format": "pt"})
+        digest = write_tensors(tmp / WEIGHTS, with_guard(_state_without_tied(model)), {"format": "pt"})
         config = model.config.to_dict()
         config["quantization_config"] = qconfig
         write_json(tmp / CONFIG, config)
