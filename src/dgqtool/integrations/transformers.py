@@ -60,6 +60,10 @@ class DGQHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        return True  # every DGQ linear is one torch.ops.dgq.linear call
+
 
 def register() -> None:
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

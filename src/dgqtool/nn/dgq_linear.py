@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ..format import INPUT_SCALE, WEIGHT_FORMATS, WeightFormat, format_of
-from ..gemm import dual_scale_gemm
-from ..kernels import runtime as kernels
+from .. import ops
 from ..quant.dual_grained import DualGrainedWeight, GroupWeight
 from ..quant.quantizer import quantize_per_tensor, quantize_per_token
 
@@ -81,13 +80,10 @@ class DGQLinear(_W4A8Linear):
         return self._cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lib = kernels.library_for(x) if self.group % 32 == 0 else None  # the kernels read 32-code words
-        if lib is not None:
-            out = kernels.dgq_linear(lib, x.reshape(-1, self.in_features), self.qweight, self.scales_s2,
-                                     self.qzeros, self.scales_s1, self.group, self.input_scale)
-        else:
-            x_q, s_x = self.quantize_input(x)
-            out = dual_scale_gemm(x_q, s_x, self.int8_weight(), self.scales_s1, x.dtype)
+        # off CUDA the op runs the integer reference, on the int8 weight expanded once and kept
+        w_s8 = None if x.is_cuda else self.int8_weight()
+        out = ops.linear(x.reshape(-1, self.in_features), self.qweight, self.scales_s2, self.qzeros, self.scales_s1,
+                         self.group, self.input_scale, w_s8)
         return self._finish(out, x)
 
 

@@ -1,0 +1,50 @@
+"""`dgq::linear`: one DGQ linear without bias, x (M, K) float -> (M, N) in x's dtype.
+
+The default implementation (CPU and any device the kernels do not cover) is the integer
+reference: int8 activations per token (or with the static scale), the exact int8 weight
+S2 * (code - zp), int32 accumulation, then s_x * s1. The caller may pass that int8 weight when it
+holds one (DGQLinear caches it), else it is expanded from the packed codes on each call. On CUDA
+the kernel library runs it (kernels/runtime.py's dgq_linear), computing the same integers and the
+same fp32 epilogue. The fake implementation gives shapes to torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..format import WEIGHT_FORMATS
+from ..gemm import dual_scale_gemm
+from ..kernels import runtime
+from ..quant.quantizer import quantize_per_tensor, quantize_per_token
+
+KERNEL_WORD = 32  # the kernels read the codes of a group in 32-code words
+
+
+def reference(x: torch.Tensor, qweight: torch.Tensor, scales_s2: torch.Tensor, qzeros: torch.Tensor,
+              scales_s1: torch.Tensor, group: int, input_scale: torch.Tensor | None = None,
+              w_s8: torch.Tensor | None = None) -> torch.Tensor:
+    if w_s8 is None:
+        packed = {"qweight": qweight, "qzeros": qzeros, "scales_s2": scales_s2, "scales_s1": scales_s1}
+        w_s8 = WEIGHT_FORMATS["dgq"].decode(packed).int8_weight()
+    x_q, s_x = quantize_per_token(x) if input_scale is None else quantize_per_tensor(x, input_scale)
+    return dual_scale_gemm(x_q, s_x, w_s8, scales_s1, x.dtype)
+
+
+@torch.library.custom_op("dgq::linear", mutates_args=(), device_types="cpu")
+def linear(x: torch.Tensor, qweight: torch.Tensor, scales_s2: torch.Tensor, qzeros: torch.Tensor,
+           scales_s1: torch.Tensor, group: int, input_scale: torch.Tensor | None = None,
+           w_s8: torch.Tensor | None = None) -> torch.Tensor:
+    return reference(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8)
+
+
+@linear.register_kernel("cuda")
+def _cuda(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale=None, w_s8=None):
+    lib = runtime.library_for(x) if group % KERNEL_WORD == 0 else None
+    if lib is None:
+        return reference(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8)
+    return runtime.dgq_linear(lib, x, qweight, scales_s2, qzeros, scales_s1, group, input_scale)
+
+
+@linear.register_fake
+def _fake(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale=None, w_s8=None):
+    return x.new_empty(x.shape[0], qweight.shape[0])
