@@ -29,9 +29,10 @@ HAND_WRITTEN = "dgq_w4a8.cu"
 
 
 def source_dir() -> Path:
-    """The repository's kernels/ directory (editable install), or $DGQ_KERNELS_SRC."""
+    """The package's kernel_sources (the repository's kernels/ folder: a symlink in a checkout,
+    package data in a wheel), or $DGQ_KERNELS_SRC."""
     env = os.environ.get("DGQ_KERNELS_SRC")
-    path = Path(env) if env else Path(__file__).resolve().parents[3] / "kernels"
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "kernel_sources"
     if not (path / HAND_WRITTEN).is_file():
         raise DGQError(f"kernel sources not found in {path}; set DGQ_KERNELS_SRC to the kernels/ directory")
     return path
