@@ -53,9 +53,13 @@ def test_compressed_tensors_decompressor_reconstructs_the_weights(quantized):
     config = json.loads((export / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     assert config["quantization_status"] == "compressed" and config["ignore"] == ["lm_head"]
+    import compressed_tensors
+
+    assert config["version"] == compressed_tensors.__version__  # written by compressed-tensors' ModelCompressor
     group = config["config_groups"]["group_0"]
-    assert group["weights"] | {"dynamic": False} == {"num_bits": 4, "type": "int", "strategy": "group",
-                                                       "group_size": 32, "symmetric": False, "dynamic": False}
+    assert group.pop("format") == "pack-quantized"
+    expected = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": False}
+    assert {k: group["weights"][k] for k in expected} == expected and not group["weights"].get("dynamic")
     assert group["input_activations"]["strategy"] == "token" and group["input_activations"]["dynamic"]
     scheme = QuantizationScheme.model_validate(group)
 
@@ -133,3 +137,40 @@ def test_example_pipeline_script_runs_end_to_end(tiny_llama, corpus_file, tmp_pa
     for step in ("quantize", "verify", "eval", "export"):
         assert json.loads((tmp_path / "run" / f"{step}.json").read_text())["status"] == "ok"
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["tasks"]["wikitext2"]["windows"] == 2
+
+
+def test_export_config_round_trips_through_compressed_tensors_parsers(quantized):
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    _, summary = quantized
+    block = json.loads((Path(summary["export"]["output"]) / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(block)
+    assert parsed.format == "pack-quantized" and parsed.config_groups["group_0"].format == "pack-quantized"
+    assert parsed.config_groups["group_0"].weights.group_size == 32
+    hf = CompressedTensorsConfig.from_dict(block)  # what transformers builds from config.json
+    assert hf.quantization_config.config_groups["group_0"].weights.num_bits == 4
+
+
+def test_run_and_load_checkpoint_accept_an_export_in_its_scale_dtype(quantized):
+    _, summary = quantized
+    export = summary["export"]["output"]
+    assert summary["export"]["scale_dtype"] == "float16"  # the checkpoint's dtype (--dtype float16)
+    model, _, q = load_checkpoint(export)
+    down = model.model.layers[1].mlp.down_proj
+    assert q["quant_method"] == "compressed-tensors" and isinstance(down, GroupW4A8Linear)
+    assert down.scales.dtype == torch.float16
+    result = runner.invoke(app, ["run", export, "--prompt", "the old river", "-n", "3"])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.output
+
+
+def test_folding_error_is_reported_in_the_checkpoint_dtype():
+    from dgqtool.export import compressed_state
+    from dgqtool.format import linear_tensors
+    from dgqtool.quant.dual_grained import random_dual_grained
+
+    state = linear_tensors("model.layers.0.mlp.down_proj", random_dual_grained(64, 128, 32, torch.Generator().manual_seed(0)))
+    errors = {dtype: compressed_state(state, {"group_size": 32}, dtype)[2] for dtype in (torch.bfloat16, torch.float16)}
+    assert 2**-10 < errors[torch.bfloat16] <= 2**-8  # 8 significant bits: at most half an ulp, 3.9e-3
+    assert 0 < errors[torch.float16] <= 2**-11  # 11 bits: 4.9e-4

@@ -7,13 +7,14 @@ Nothing is ever run from the checkpoint: every transformers call passes trust_re
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
 from .artifacts import read_json, read_tensors
 from .errors import DGQError
-from .format import PACKED_NAMES, WEIGHT_FORMATS, WEIGHTS, group_of, read_checkpoint
+from .format import MANIFEST, PACKED_NAMES, WEIGHT_FORMATS, WEIGHTS, check_files, group_of, read_checkpoint
 from .models.adapters import adapter_for, decoder_layers
 from .models.load import DTYPES
 from .nn.dgq_linear import FORMATS, _W4A8Linear
@@ -60,8 +61,12 @@ def load_compressed_tensors(path: str | Path, device: str = "cpu"):
     weights = scheme.get("weights", {})
     if q.get("format") != "pack-quantized" or weights.get("num_bits") != 4 or weights.get("strategy") != "group":
         raise DGQError(f"{path}: not a 4-bit group pack-quantized compressed-tensors checkpoint")
+    if (path / MANIFEST).is_file():  # written by `dgq export`: every file checked as for a dgq checkpoint
+        check_files(path)
     state = read_tensors(path / WEIGHTS)
     group_format = WEIGHT_FORMATS["w4-group"]
+    # the export rounded each folded scale s1 * S2 to its dtype once: keep that dtype, round no further
+    scale_dtype = next((v.dtype for k, v in state.items() if k.endswith(".weight_scale")), torch.float16)
     for prefix in [k.removesuffix(".weight_packed") for k in state if k.endswith(".weight_packed")]:
         shape = torch.Size(state.pop(f"{prefix}.weight_shape").tolist())
         codes = unpack_from_int32(state.pop(f"{prefix}.weight_packed"), 4, shape) + 8
@@ -69,12 +74,13 @@ def load_compressed_tensors(path: str | Path, device: str = "cpu"):
         zero_packed = state.pop(f"{prefix}.weight_zero_point", None)
         zero = (torch.full(scale.shape, 8, dtype=torch.int32) if zero_packed is None
                 else unpack_from_int32(zero_packed, 4, scale.shape, packed_dim=0).to(torch.int32) + 8)
-        packed = group_format.encode(GroupWeight(codes.to(torch.uint8), zero.to(torch.uint8), scale))
+        packed = group_format.encode(GroupWeight(codes.to(torch.uint8), zero.to(torch.uint8), scale), scale_dtype)
         state.update({f"{prefix}.{name}": tensor for name, tensor in packed.items()})
     dtype = DTYPES.get(config.get("torch_dtype") or config.get("dtype") or "float16", torch.float16)
     static = not scheme.get("input_activations", {}).get("dynamic", True)
     group = int(weights["group_size"])
-    model = _quantized_model(path, state, FORMATS[group_format.name], dtype, static, lambda linear, where: group)
+    module_type = functools.partial(FORMATS[group_format.name], scale_dtype=scale_dtype)
+    model = _quantized_model(path, state, module_type, dtype, static, lambda linear, where: group)
     return model.to(device).eval(), tokenizer(path), q
 
 

@@ -25,13 +25,16 @@ FORMATS = ("dgq", "compressed-tensors")
 SIGNED_OFFSET = 8
 
 
+PACKED_FORMAT = "pack-quantized"
+
+
 def _scheme(group: int, symmetric: bool, static: bool):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=group, symmetric=symmetric)
     acts = (QuantizationArgs(num_bits=8, type="int", strategy="tensor", dynamic=False, symmetric=True) if static else
             QuantizationArgs(num_bits=8, type="int", strategy="token", dynamic=True, symmetric=True))
-    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts, format=PACKED_FORMAT)
 
 
 def _combined_scale(weight: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
@@ -69,12 +72,16 @@ def compressed_state(state: dict[str, torch.Tensor], qconfig: dict, dtype: torch
     return out, scheme, worst
 
 
-def quantization_config(scheme) -> dict:
+def write_quantization_config(directory: Path, config: dict, scheme) -> None:
+    """config.json with compressed-tensors' block as its own ModelCompressor writes it (version,
+    per-scheme and global format, status)."""
+    from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    config = QuantizationConfig(config_groups={"group_0": scheme}, quant_method="compressed-tensors",
-                                format="pack-quantized", quantization_status="compressed", ignore=["lm_head"])
-    return config.model_dump(mode="json", exclude_none=True)
+    write_json(directory / CONFIG, {k: v for k, v in config.items() if k != "quantization_config"})
+    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format=PACKED_FORMAT,
+                                 quantization_status="compressed", ignore=["lm_head"])
+    ModelCompressor(quantization_config=qconfig).update_config(str(directory))
 
 
 def export_checkpoint(src: Path, out: Path, fmt: str = "compressed-tensors", force: bool = False) -> dict:
@@ -97,15 +104,14 @@ def export_checkpoint(src: Path, out: Path, fmt: str = "compressed-tensors", for
             raise DGQError(f"compressed-tensors export needs the package ({exc}): pip install compressed-tensors") from None
         dtype = DTYPES.get(qconfig.get("compute_dtype"), torch.float16)
         tensors, scheme, scale_error = compressed_state(state, qconfig, dtype)
-        summary["max_scale_rel_error"] = scale_error
-        config["quantization_config"] = quantization_config(scheme)
+        summary["max_scale_rel_error"], summary["scale_dtype"] = scale_error, str(dtype).removeprefix("torch.")
 
         def contents(tmp: Path) -> dict[str, str]:
             for path in src.iterdir():  # tokenizer and generation files
                 if path.is_file() and path.name not in {WEIGHTS, CONFIG, MANIFEST}:
                     shutil.copy2(path, tmp / path.name)
             digest = write_tensors(tmp / WEIGHTS, tensors, {"format": "pt"})
-            write_json(tmp / CONFIG, config)
+            write_quantization_config(tmp, config, scheme)
             return {WEIGHTS: digest}
 
     summary["files"] = write_dir(out, force, contents)["files"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..format import INPUT_SCALE, WEIGHT_FORMATS, WeightFormat, format_of
+from ..format import INPUT_SCALE, SCALE_DTYPE, WEIGHT_FORMATS, WeightFormat, format_of
 from .. import ops
 from ..quant.dual_grained import DualGrainedWeight, GroupWeight
 from ..quant.quantizer import quantize_per_tensor, quantize_per_token
@@ -21,12 +21,13 @@ class _W4A8Linear(nn.Module):
     FORMAT: WeightFormat
 
     def __init__(self, in_features: int, out_features: int, group: int, bias: bool = False, static: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, scale_dtype: torch.dtype = SCALE_DTYPE):
         super().__init__()
         if group <= 0 or in_features % group or in_features % 2:
             raise ValueError(f"group {group} does not divide in_features {in_features}")
         self.in_features, self.out_features, self.group = in_features, out_features, group
-        for name, tensor in self.FORMAT.empty(out_features, in_features, group).items():
+        self.scale_dtype = scale_dtype  # of the float scales: fp16 in dgq checkpoints, an export's own dtype
+        for name, tensor in self.FORMAT.empty(out_features, in_features, group, scale_dtype).items():
             self.register_buffer(name, tensor)
         self.register_buffer(INPUT_SCALE, torch.ones(1) if static else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
@@ -41,8 +42,8 @@ class _W4A8Linear(nn.Module):
 
     @torch.no_grad()
     def load_quantized(self, weight, bias, input_scale) -> None:
-        for name, tensor in self.FORMAT.encode(weight).items():
-            getattr(self, name).copy_(tensor)
+        for name, tensor in self.FORMAT.encode(weight, torch.float32).items():
+            getattr(self, name).copy_(tensor)  # one rounding, to the buffer's dtype
         if bias is not None:
             self.bias.copy_(bias)
         if input_scale is not None:

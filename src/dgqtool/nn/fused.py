@@ -75,7 +75,8 @@ def fuse(members: list[_W4A8Linear]) -> _W4A8Linear:
     biases = [m.bias for m in members]
     dtype = next((b.dtype for b in biases if b is not None), torch.float32)
     fused = type(first)(first.in_features, sum(m.out_features for m in members), first.group,
-                        bias=any(b is not None for b in biases), static=first.input_scale is not None, dtype=dtype)
+                        bias=any(b is not None for b in biases), static=first.input_scale is not None, dtype=dtype,
+                        scale_dtype=first.scale_dtype)
     fused = fused.to(first.qweight.device)
     for name in fused.FORMAT.names():  # every packed tensor is per output channel
         getattr(fused, name).copy_(torch.cat([getattr(m, name) for m in members]))
