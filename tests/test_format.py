@@ -68,7 +68,7 @@ CONFIG_EDITS = {
     "group_size not dividing": (lambda c: c["quantization_config"].update(group_size=48), "does not divide in_features 64"),
     "no model_type": (lambda c: c.pop("model_type"), "no model_type"),
     "activation": (lambda c: c["quantization_config"].update(activation="fp8"), "activation must be one of"),
-    "harmless edit": (lambda c: c.update(architectures=["Other"]), "config.json does not match its hash"),
+    "harmless edit": (lambda c: c.update(architectures=["Other"]), "config.json does not match the hash"),
 }
 
 
@@ -87,7 +87,7 @@ def test_edited_config_fails_load_and_verify_with_one_line(packed, tmp_path, cas
 @pytest.mark.parametrize("case,message", [
     ("extra file", "stray.py is not covered by dgq_manifest.json"),
     ("missing tokenizer", "tokenizer.json is missing"),
-    ("edited tokenizer", "tokenizer.json does not match its hash"),
+    ("edited tokenizer", "tokenizer.json does not match the hash"),
     ("unlisted tokenizer", "no tokenizer files"),
 ])
 def test_every_file_is_covered_by_the_manifest(packed, tmp_path, case, message):

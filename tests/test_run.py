@@ -58,7 +58,22 @@ def test_greedy_tokens_equal_the_dequantized_float_model(checkpoint):
 def test_run_command_streams_and_reports_speed(checkpoint):
     result = runner.invoke(app, ["run", str(checkpoint), "--prompt", "the old river", "-n", "5"])
     assert result.exit_code == 0, result.output
-    assert "tokens/s" in result.output and "peak memory" in result.output
+    assert "first token after" in result.output and "decode" in result.output and "tokens/s" in result.output
+    assert "peak memory" in result.output
+
+
+def test_first_token_and_decode_are_timed_apart_after_a_warm_up(checkpoint, monkeypatch):
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(k["max_new_tokens"]) or real(*a, **k))
+    result = generate(model, tokenizer, "the red house of the", max_new_tokens=8)
+    assert calls == [2, 8]  # the untimed warm-up, then the timed run
+    assert 2 < result.new_tokens <= 8
+    assert 0 < result.first_token_seconds and 0 < result.decode_seconds
+    assert result.decode_tokens_per_second == pytest.approx((result.new_tokens - 2) / result.decode_seconds)
+    short = generate(model, tokenizer, "the red house of the", max_new_tokens=2)
+    assert short.decode_tokens_per_second is None and "too few tokens" in short.summary()
 
 
 @pytest.mark.parametrize("damage", ["missing_dir", "missing_tensor", "format_version"])

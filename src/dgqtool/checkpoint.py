@@ -14,7 +14,7 @@ import torch
 
 from .artifacts import read_json, read_tensors
 from .errors import DGQError
-from .format import MANIFEST, PACKED_NAMES, WEIGHT_FORMATS, WEIGHTS, check_files, group_of, read_checkpoint
+from .format import MANIFEST, PACKED_NAMES, WEIGHT_FORMATS, WEIGHTS, check_files, group_of, read_checkpoint, read_config
 from .models.adapters import adapter_for, decoder_layers
 from .models.load import DTYPES
 from .nn.dgq_linear import FORMATS, _W4A8Linear
@@ -35,6 +35,11 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     model = _quantized_model(path, state, FORMATS[q["format"]], DTYPES[q["compute_dtype"]],
                              q["activation"] == "static", lambda linear, where: group_of(q, linear.in_features, where))
     return model.to(device).eval(), tokenizer(path), q
+
+
+def checkpoint_config(path: Path) -> dict:
+    """config.json of a dgq checkpoint (fields checked) or of a compressed-tensors export."""
+    return read_json(path / "config.json") if is_compressed_tensors(path) else read_config(path)
 
 
 def fuse_for_inference(model: torch.nn.Module) -> torch.nn.Module:
@@ -124,7 +129,7 @@ def packed_problem(model: torch.nn.Module, found: dict[str, tuple]) -> str | Non
         if found[key][0] != dtype:
             return f"tensor {key} has dtype {found[key][0]}, expected {dtype}"
         if found[key][1] != shape:
-            return f"tensor {key} of shape {found[key][1]} does not fit the model ({shape})"
+            return f"tensors do not fit the model: {key} has shape {found[key][1]}, expected {shape}"
     extra = sorted(k for k in found if k.rsplit(".", 1)[-1] in PACKED_NAMES and k not in expected)
     return f"unexpected tensor {extra[0]}" if extra else None
 

@@ -199,7 +199,7 @@ def check_files(path: Path) -> None:
         raise DGQError(f"{path}: {sorted(set(files) - present)[0]} is missing (listed in {MANIFEST})")
     for name, digest in sorted(files.items()):
         if sha256_file(path / name) != digest:
-            raise DGQError(f"{path}: {name} does not match its hash in {MANIFEST} (edited or corrupt)")
+            raise DGQError(f"{path}: {name} does not match the hash in {MANIFEST} (edited or corrupt)")
     if not any(name in files for name in TOKENIZER_FILES):
         raise DGQError(f"{path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
 

@@ -17,14 +17,48 @@ from .resources import peak_rss_mb
 
 @dataclass(frozen=True)
 class Generation:
+    """One timed generation, after an untimed warm-up (kernel build and load, allocator): the time
+    to the first new token (prefill) and the decode rate over tokens 3..n, since the step to the
+    second token also holds one-time work (the CUDA graph capture), as llama.cpp and vLLM split it."""
+
     text: str
     new_tokens: int
-    seconds: float
+    first_token_seconds: float
+    decode_seconds: float  # from the second new token to the last
     peak_memory_mb: float
 
     @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / max(self.seconds, 1e-9)
+    def decode_tokens_per_second(self) -> float | None:
+        return (self.new_tokens - 2) / max(self.decode_seconds, 1e-9) if self.new_tokens > 2 else None
+
+    def summary(self) -> str:
+        rate = self.decode_tokens_per_second
+        decode = "too few tokens to time decode" if rate is None else f"decode {rate:.1f} tokens/s"
+        return (f"{self.new_tokens} tokens: first token after {self.first_token_seconds * 1e3:.0f} ms, {decode} "
+                f"(warm-up excluded), peak memory {self.peak_memory_mb:.0f} MiB")
+
+
+class _TokenClock:
+    """A generate() streamer that stamps every new token (the first put is the prompt) and passes
+    everything on to a text streamer, if there is one."""
+
+    def __init__(self, inner=None):
+        self.inner, self.times, self._prompt_seen = inner, [], False
+
+    def restart(self) -> None:
+        """Forget the stamps (generation starts over; the text streamer may repeat the first token)."""
+        self.times, self._prompt_seen = [], False
+
+    def put(self, value) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -47,26 +81,31 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
     """Greedy when temperature is 0; `stream` (a file) receives text as it is generated."""
     from transformers import TextStreamer
 
-    torch.manual_seed(seed)
     ids = prompt_ids(tokenizer, prompt, chat).to(device)
-    streamer = None
+    _decode(model, tokenizer, ids, min(2, max_new_tokens), temperature, _TokenClock(), device)  # warm-up
+    torch.manual_seed(seed)
+    text_streamer = None
     if stream is not None:
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n", file=stream, flush=True)
+        text_streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        text_streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n", file=stream, flush=True)
+    clock = _TokenClock(text_streamer)
     start = time.perf_counter()
-    new = _cuda_graph_generate(model, ids, max_new_tokens, temperature, streamer) if device.startswith("cuda") else None
+    new = _decode(model, tokenizer, ids, max_new_tokens, temperature, clock, device)
+    times = clock.times[: new.numel()]  # the graph decoder runs past an end-of-sequence token
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), times[0] - start,
+                      times[-1] - times[1] if len(times) > 2 else 0.0, _peak_memory_mb(device))
+
+
+def _decode(model, tokenizer, ids, max_new_tokens: int, temperature: float, clock: _TokenClock, device: str) -> torch.Tensor:
+    """The new token ids, each stamped by `clock` as it comes out."""
+    new = _cuda_graph_generate(model, ids, max_new_tokens, temperature, clock) if device.startswith("cuda") else None
     if new is None:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=streamer,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=clock,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
-        new = out[0, ids.shape[1]:]
-    else:
-        stops = (new == tokenizer.eos_token_id).nonzero()
-        new = new[: int(stops[0]) + 1] if len(stops) else new
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds, _peak_memory_mb(device))
+        return out[0, ids.shape[1]:]
+    stops = (new == tokenizer.eos_token_id).nonzero()
+    return new[: int(stops[0]) + 1] if len(stops) else new
 
 
 def _pick(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -86,6 +125,9 @@ def graph_decode(model, ids: torch.Tensor, max_new_tokens: int, temperature: flo
     cache = StaticCache(config=model.config, max_cache_len=n + max_new_tokens)
     prefill = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n, device=ids.device))
     token = _pick(prefill.logits[:, -1], temperature)
+    tokens = [token]
+    if on_token is not None:
+        on_token(token)  # before the capture below: the first token's time is the prefill's
     step_ids, step_pos = token.view(batch, 1).clone(), torch.tensor([n], device=ids.device)
 
     def step():
@@ -99,9 +141,6 @@ def graph_decode(model, ids: torch.Tensor, max_new_tokens: int, temperature: flo
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step_logits = step()
-    tokens = [token]
-    if on_token is not None:
-        on_token(token)
     for i in range(max_new_tokens - 1):
         step_ids.copy_(token.view(batch, 1))
         step_pos.fill_(n + i)
@@ -117,16 +156,14 @@ def _cuda_graph_generate(model, ids, max_new_tokens: int, temperature: float, st
     """graph_decode for one prompt; None (with a warning) where the model cannot be captured."""
     if os.environ.get("DGQ_CUDA_GRAPHS", "1") == "0":
         return None
-    if streamer is not None:
-        streamer.put(ids.cpu())  # the prompt, which the streamer skips
-    try:
-        new = graph_decode(model, ids, max_new_tokens, temperature,
-                           on_token=None if streamer is None else lambda t: streamer.put(t.cpu()))[0]
+    streamer.put(ids.cpu())  # the prompt, which the streamer skips
+    try:  # .cpu() waits for each token, so the streamer stamps it when it exists
+        new = graph_decode(model, ids, max_new_tokens, temperature, on_token=lambda t: streamer.put(t.cpu()))[0]
     except RuntimeError as exc:
         warnings.warn(f"CUDA graph decoding unavailable ({str(exc).splitlines()[0]}); using generate()")
+        streamer.restart()
         return None
-    if streamer is not None:
-        streamer.end()
+    streamer.end()
     return new
 
 

@@ -86,16 +86,15 @@ def run(
     _check_generation_fits(checkpoint, max_new_tokens, chat)
     result = run_checkpoint(checkpoint, prompt, device=pick_device(device or "auto"), max_new_tokens=max_new_tokens,
                             temperature=temperature, chat=chat)
-    reporter().info(f"{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s), "
-                     f"peak memory {result.peak_memory_mb:.0f} MiB")
+    reporter().info(result.summary())
 
 
 def _check_generation_fits(checkpoint: Path, max_new_tokens: int, chat: bool) -> None:
     """Requests the model cannot honour fail before it loads: past its context, or a chat without a template."""
     from ..artifacts import read_json
-    from ..pack import read_checkpoint_config
+    from ..checkpoint import checkpoint_config
 
-    config = read_checkpoint_config(checkpoint)
+    config = checkpoint_config(checkpoint)
     context = config.get("max_position_embeddings")
     if isinstance(context, int) and max_new_tokens >= context:
         raise DGQError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens")
