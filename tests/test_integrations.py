@@ -89,3 +89,20 @@ def test_import_dgqtool_registers_lazily():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "DGQHfQuantizer"
+
+
+def test_lm_eval_hflm_loads_the_dgq_model(packed):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(packed), device="cpu", batch_size=1)
+    assert any(isinstance(m, DGQLinear) for m in lm.model.modules())
+    [(loglik, _)] = lm.loglikelihood([Instance("loglikelihood", {}, ("the red house", " of the old"), 0)])
+    ours, tokenizer, _ = load_checkpoint(packed)
+    ids = tokenizer("the red house of the old", return_tensors="pt").input_ids
+    context = tokenizer("the red house", return_tensors="pt").input_ids.shape[1]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(ours(ids).logits.double(), -1)[0]
+    expected = sum(logprobs[i - 1, ids[0, i]].item() for i in range(context, ids.shape[1]))
+    assert loglik == pytest.approx(expected, abs=1e-4)
