@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dgqtool.quant.dual_grained import CODE_MAX, code_interval, unpack_nibbles
+from dgqtool.format import linear_weight
+from dgqtool.quant.dual_grained import CODE_MAX, code_interval
 
 
 def search_errors(work: Path) -> dict[tuple[int, str], float]:
@@ -51,10 +52,10 @@ def compare(groupwise: Path, dgq: Path) -> list[dict]:
     for layer_file in sorted((dgq / "search").glob("layer_*.safetensors")):
         d, g = load_file(layer_file), load_file(groupwise / "search" / layer_file.name)
         layer = int(layer_file.stem.split("_")[1])
-        for name in sorted(k[: -len(".s2")] for k in d if k.endswith(".s2")):
-            s2 = d[f"{name}.s2"]
-            codes = unpack_nibbles(d[f"{name}.codes"]).reshape(*s2.shape, -1).to(torch.int32)
-            stats = split_statistics(codes, s2, d[f"{name}.s1"], d[f"{name}.zero"], g[f"{name}.scale"])
+        for name in sorted(k[: -len(".scales_s2")] for k in d if k.endswith(".scales_s2")):
+            w, reference = linear_weight(name, d), linear_weight(name, g)
+            codes = w.codes.reshape(*w.s2.shape, -1).to(torch.int32)
+            stats = split_statistics(codes, w.s2, w.s1, w.zero, reference.scale)
             rows.append({"layer": layer, "linear": name, "error_groupwise": gw_errors[(layer, name)],
                          "error_dgq": dgq_errors[(layer, name)], **stats})
     return rows

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from dgqtool.checkpoint import load_checkpoint
 from dgqtool.cli import app
 from dgqtool.nn.dgq_linear import DGQLinear, GroupW4A8Linear
-from dgqtool.stages.search import weight_from_tensors
+from dgqtool.format import linear_weight
 
 runner = CliRunner()
 SMALL = ["--nsamples", "4", "--seqlen", "64", "--group", "32"]
@@ -59,7 +59,7 @@ def test_pack_then_load_is_bit_exact(llama_ckpt):
         for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
             module = layer.get_submodule(name)
             assert isinstance(module, DGQLinear)
-            expected = weight_from_tensors(name, searched)
+            expected = linear_weight(name, searched)
             got = module.quantized_weight()
             assert torch.equal(got.codes, expected.codes)
             assert torch.equal(got.zero, expected.zero)

@@ -47,8 +47,8 @@ def test_dgq_splits_the_groupwise_scales(work_dirs):
     groupwise, dgq = work_dirs
     d, g = (load_file(w / "search" / "layer_000.safetensors") for w in (dgq, groupwise))
     name = "self_attn.q_proj"
-    ratio = g[f"{name}.scale"].float() / d[f"{name}.s1"].float().unsqueeze(-1)
-    s2 = d[f"{name}.s2"].float()
+    ratio = g[f"{name}.scales"].float() / d[f"{name}.scales_s1"].float().unsqueeze(-1)
+    s2 = d[f"{name}.scales_s2"].float()
     assert bool(((s2 - ratio).abs() <= 0.5 + 1e-2).logical_or(s2 == 1).all())
 
 

@@ -250,11 +250,12 @@ def write_dir(out: Path, force: bool, contents: Callable[[Path], dict[str, str]]
             old = make_temp_dir(out)
             out.rename(old / out.name)
         tmp.rename(out)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DGQError(f"cannot write checkpoint {out}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            (old / out.name).rename(out)  # the previous checkpoint stays where it was
+        if isinstance(exc, OSError):
+            raise DGQError(f"cannot write checkpoint {out}: {exc.strerror or exc}") from None
         raise
     finally:
         if old is not None:

@@ -9,12 +9,7 @@ import torch
 from torch import nn
 
 from .artifacts import write_json, write_tensors
-from .format import (CONFIG, MANIFEST as CHECKPOINT_MANIFEST, WEIGHTS, quantization_config, read_config as read_checkpoint_config,
-                     with_guard, write_dir)
-
-__all__ = [  # the stages and the CLI import these from here
-    "CHECKPOINT_MANIFEST", "quantization_config", "read_checkpoint_config", "write_checkpoint",
-]
+from .format import CONFIG, WEIGHTS, with_guard, write_dir
 
 
 def _state_without_tied(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -51,12 +51,12 @@ def pack(work: Work = None, output: Output = DEFAULT_OUTPUT,
          force: Annotated[bool, typer.Option("--force", help="Replace an earlier dgq checkpoint at --output.")] = False):
     """Write the packed W4A8 checkpoint (config.json + model.safetensors + tokenizer)."""
     from ..artifacts import claim_output_dir
-    from ..pack import CHECKPOINT_MANIFEST
+    from ..format import MANIFEST
     from ..stages.pack import pack as run, packed_here
     from ..stages.quantize import protected_paths
 
     work = work or default_work(output)
-    claim_output_dir(output, CHECKPOINT_MANIFEST, replace=force or packed_here(work, output), protected=protected_paths(None, work))
+    claim_output_dir(output, MANIFEST, replace=force or packed_here(work, output), protected=protected_paths(None, work))
     run(stage_context(work, None, False, {}), output)
 
 
@@ -100,12 +100,12 @@ def export(
     """Write the checkpoint for serving engines: compressed-tensors pack-quantized, or a dgq copy."""
     from ..artifacts import claim_output_dir
     from ..export import export_checkpoint
-    from ..pack import CHECKPOINT_MANIFEST
+    from ..format import MANIFEST
     from ..stages.quantize import export_target, protected_paths
 
     checkpoint = checkpoint_or_default(checkpoint)
     output = output or export_target(checkpoint, fmt)
-    claim_output_dir(output, CHECKPOINT_MANIFEST, replace=force, protected={**protected_paths(None, None), "the checkpoint": checkpoint})
+    claim_output_dir(output, MANIFEST, replace=force, protected={**protected_paths(None, None), "the checkpoint": checkpoint})
     summary = export_checkpoint(checkpoint, output, fmt, force)
     detail = f", max rel. error of the folded scale s1*S2 {summary['max_scale_rel_error']:.2e}" if "max_scale_rel_error" in summary else ""
     reporter().info(f"export: wrote {output} ({fmt}{detail})")

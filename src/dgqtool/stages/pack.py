@@ -7,11 +7,11 @@ from pathlib import Path
 
 from ..artifacts import is_finished, read_manifest, read_tensors, sha256_file, write_manifest
 from ..errors import DGQError
+from ..format import linear_weight
 from ..models.adapters import decoder_layers, layer_linears
 from ..nn.dgq_linear import FORMATS, format_of
 from ..resources import Usage
 from .graph import Context
-from .search import weight_from_tensors
 from .smooth import smoothed_model
 
 
@@ -27,7 +27,7 @@ def quantized_model(ctx: Context):
             raise DGQError(f"search results do not cover layer {index}; rerun `dgq search`")
         tensors = read_tensors(ctx.stage_dir("search") / name, search_manifest["outputs"][name])
         for linear_name, linear in layer_linears(layer, adapter).items():
-            weight = weight_from_tensors(linear_name, tensors)
+            weight = linear_weight(linear_name, tensors)
             if weight.codes.shape != linear.weight.shape:
                 raise DGQError(f"search results for layer {index} {linear_name} do not match the model's shape")
             fmt = format_of(weight)
@@ -42,7 +42,8 @@ def _pack_options(output: Path) -> dict:
 
 
 def pack(ctx: Context, output: Path) -> dict:
-    from ..pack import quantization_config, write_checkpoint
+    from ..format import quantization_config
+    from ..pack import write_checkpoint
 
     usage = Usage()
     model, tokenizer, adapter, fmt, search_manifest, calib = quantized_model(ctx)
@@ -59,12 +60,12 @@ def pack(ctx: Context, output: Path) -> dict:
 
 def pack_is_current(ctx: Context, output: Path) -> bool:
     """The checkpoint in `output` was packed from the current search results and is intact."""
-    from ..pack import CHECKPOINT_MANIFEST
+    from ..format import MANIFEST
 
     search_manifest = ctx.manifest("search")
     if ctx.force or not is_finished(ctx.stage_dir("pack"), "pack", _pack_options(output), {"search": search_manifest["fingerprint"]}):
         return False
-    return packed_here(ctx.work, output) and (output / CHECKPOINT_MANIFEST).is_file()
+    return packed_here(ctx.work, output) and (output / MANIFEST).is_file()
 
 
 def packed_here(work: Path, output: Path) -> bool:

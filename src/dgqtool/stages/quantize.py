@@ -34,16 +34,16 @@ def protected_paths(model_spec: str | None, work: Path | None) -> dict[str, Path
 def preflight(model_spec: str, output: Path, work: Path, force: bool, export: str | None) -> None:
     """Everything about the outputs that would fail (or destroy data) later, checked now."""
     from ..export import FORMATS
-    from ..pack import CHECKPOINT_MANIFEST
+    from ..format import MANIFEST
 
     resolve(model_spec)
     protected = protected_paths(model_spec, work)
-    claim_output_dir(output, CHECKPOINT_MANIFEST, replace=force or packed_here(work, output), protected=protected)
+    claim_output_dir(output, MANIFEST, replace=force or packed_here(work, output), protected=protected)
     if export is not None:
         if export not in FORMATS:
             raise DGQError(f"--export must be one of {', '.join(FORMATS)}; got '{export}'")
         target = export_target(output, export)
-        claim_output_dir(target, CHECKPOINT_MANIFEST, replace=written_by_dgq(target, CHECKPOINT_MANIFEST),
+        claim_output_dir(target, MANIFEST, replace=written_by_dgq(target, MANIFEST),
                          protected=protected, option="--export target")
 
 

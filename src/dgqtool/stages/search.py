@@ -15,8 +15,8 @@ from torch import nn
 from ..artifacts import fingerprint, read_tensors, sha256_file, write_manifest, write_tensors
 from ..calib.capture import run_layers
 from ..errors import DGQError
+from ..format import FORMAT_VERSION, linear_tensors, linear_weight
 from ..models.adapters import Adapter, InputGroup, check_group_size, decoder_layers, layer_linears
-from ..quant.dual_grained import DualGrainedWeight, GroupWeight, QuantizedWeight, pack_nibbles, unpack_nibbles
 from ..quant.quantizer import INT8_MAX, fake_quantize_activations
 from ..quant.search import SecondMoments, SearchResult, accumulate_moments, quantize_weight
 from ..recipe import SEARCH_OPTIONS
@@ -28,25 +28,6 @@ from .smooth import smoothed_model
 def static_input_scale(act_absmax: torch.Tensor) -> torch.Tensor:
     """Per-tensor static scale from the calibration maximum of the smoothed activation."""
     return (act_absmax.max() / INT8_MAX).clamp(min=1e-8).reshape(1)
-
-
-def weight_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
-    tensors = {f"{name}.codes": pack_nibbles(weight.codes), f"{name}.zero": weight.zero}
-    if isinstance(weight, DualGrainedWeight):
-        tensors.update({f"{name}.s2": weight.s2, f"{name}.s1": weight.s1})
-    else:
-        tensors[f"{name}.scale"] = weight.scale
-    return tensors
-
-
-def weight_from_tensors(name: str, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
-    try:
-        codes, zero = unpack_nibbles(tensors[f"{name}.codes"]), tensors[f"{name}.zero"]
-        if f"{name}.s2" in tensors:
-            return DualGrainedWeight(codes, zero, tensors[f"{name}.s2"], tensors[f"{name}.s1"])
-        return GroupWeight(codes, zero, tensors[f"{name}.scale"])
-    except KeyError as exc:
-        raise DGQError(f"search artifact lacks tensor {exc.args[0]}") from None
 
 
 class _LayerSearch:
@@ -113,7 +94,7 @@ class _LayerSearch:
                     layer.get_submodule(name).weight.detach(), moments, method=r.method, group=r.group,
                     grid1=r.grid1, grid2=r.grid2, objective=r.objective, refine=r.refine, gptq=r.gptq,
                 )
-                tensors.update(weight_tensors(name, result.weight))
+                tensors.update(linear_tensors(name, result.weight, torch.float32))  # search keeps float32 scales
                 if scale is not None:
                     tensors[f"{name}.input_scale"] = scale.clone()  # safetensors stores no aliases
                 errors.append({"layer": index, "linear": name, "rtn_dg": result.error_rtn, "searched": result.error})
@@ -126,7 +107,7 @@ class _LayerSearch:
         if tensors is None:
             tensors = self._search_layer(index, layer)
         for name, linear in layer_linears(layer, self.adapter).items():
-            deq = weight_from_tensors(name, tensors).dequantize()
+            deq = linear_weight(name, tensors).dequantize()
             linear.weight.data = deq.to(linear.weight.device, linear.weight.dtype)
         self.step.advance(f"search (layer {index + 1})")
         return True
@@ -143,7 +124,7 @@ def search(ctx: Context) -> dict:
     check_group_size(model, adapter, r.group)
     stats = read_tensors(ctx.stage_dir("calibrate") / "stats.safetensors", calib["outputs"]["stats.safetensors"])
     layers = decoder_layers(model, adapter)
-    layer_fp = fingerprint({"options": options, "inputs": inputs})
+    layer_fp = fingerprint({"options": options, "inputs": inputs, "format": FORMAT_VERSION})
     with ctx.reporter.task(f"search ({r.method}, g{r.group}, {r.act}, grid {r.grid1}x{r.grid2})", len(layers)) as step:
         visitor = _LayerSearch(ctx, adapter, scales, layer_fp, step)
         run_layers(model, adapter, stats["tokens"], visitor, ctx.device, r.batch_size)
