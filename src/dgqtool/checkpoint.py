@@ -15,7 +15,7 @@ import torch
 from .artifacts import read_json, read_tensors
 from .errors import DGQError
 from .format import MANIFEST, PACKED_NAMES, WEIGHT_FORMATS, WEIGHTS, check_files, group_of, read_checkpoint, read_config
-from .models.adapters import adapter_for, decoder_layers
+from .models.adapters import adapter_for_model, decoder_layers
 from .models.load import DTYPES
 from .nn.dgq_linear import FORMATS, _W4A8Linear
 from .nn.fused import fuse_shared_inputs
@@ -44,7 +44,7 @@ def checkpoint_config(path: Path) -> dict:
 
 def fuse_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     """q/k/v and gate/up (each adapter input group) as one GEMM each; outputs are bit-identical."""
-    fuse_shared_inputs(model, adapter_for(model.config.model_type))
+    fuse_shared_inputs(model, adapter_for_model(model))
     return model
 
 
@@ -99,8 +99,9 @@ def tokenizer(path: Path):
 
 
 def replace_linears(model: torch.nn.Module, module_type: type[_W4A8Linear], dtype, static: bool, group_of_linear) -> None:
-    """Swap every adapter linear of a (meta) model for an empty `module_type` of its shape."""
-    adapter = adapter_for(model.config.model_type)
+    """Swap every adapter linear of a (meta) model for an empty `module_type` of its shape
+    (MoE: the experts are split into linears first, as at quantization time)."""
+    adapter = adapter_for_model(model)
     for index, layer in enumerate(decoder_layers(model, adapter)):
         for name in adapter.linear_names():
             linear = layer.get_submodule(name)

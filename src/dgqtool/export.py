@@ -17,6 +17,7 @@ import torch
 from .artifacts import write_json, write_tensors
 from .errors import DGQError
 from .format import CHANNELWISE, CONFIG, MANIFEST, WEIGHTS, read_checkpoint, split_linears, write_dir
+from .models.adapters import adapter_for
 from .models.load import DTYPES
 from .quant.dual_grained import DualGrainedWeight, QuantizedWeight
 
@@ -79,8 +80,9 @@ def write_quantization_config(directory: Path, config: dict, scheme) -> None:
     from compressed_tensors.quantization import QuantizationConfig
 
     write_json(directory / CONFIG, {k: v for k, v in config.items() if k != "quantization_config"})
+    ignore = list(adapter_for(config["model_type"]).ignore)  # lm_head, routers, a vision tower
     qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format=PACKED_FORMAT,
-                                 quantization_status="compressed", ignore=["lm_head"])
+                                 quantization_status="compressed", ignore=ignore)
     ModelCompressor(quantization_config=qconfig).update_config(str(directory))
 
 

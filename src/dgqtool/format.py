@@ -140,7 +140,7 @@ def quantization_config(adapter, fmt: str, method: str, group: int, act: str, dt
         "activation": act,
         "compute_dtype": str(dtype).removeprefix("torch."),
         "quantized_linears": list(adapter.linear_names()),
-        "ignore": ["lm_head", "embeddings"],
+        "ignore": [*adapter.ignore, "embeddings"],
     }
 
 

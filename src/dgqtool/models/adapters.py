@@ -3,16 +3,24 @@
 An entry names where the decoder layers are, which linears read the same activation (they share
 calibration statistics and one smoothing vector), and what produces that activation, so smoothing
 can fold 1 / k into it. Adding a family whose code follows one of these shapes is one table line.
+
+Mixture-of-experts families name their experts with an `{e}` placeholder. transformers 5 stores a
+layer's experts as fused 3-D parameters (`experts.gate_up_proj` (E, 2I, H), `experts.down_proj`
+(E, H, I)); `bind` splits them into one module of nn.Linear per expert (models/moe.py), so every
+expert linear is an ordinary quantizable linear, and expands the placeholders into real names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import DGQError
+
+EXPERT = "{e}"
 
 
 @dataclass(frozen=True)
@@ -21,10 +29,35 @@ class InputGroup:
 
     producer is a norm or a linear inside the same layer whose output rows can absorb 1 / k; None
     when nothing can (the activation passes through a non-homogeneous function first).
+    producer_parts: the activation is the last 1 / parts of the producer's output rows (v in a
+    fused [q; k; v], up in a fused [gate; up]); it folds only when the producer is exactly `parts`
+    times as wide as the consumers (so never under grouped-query attention for a fused qkv).
+    float_consumers: modules that read the same activation but stay in float (MoE routers, shared-
+    expert gates); their weight columns take the fold too, so the float output is unchanged.
+    note: why the pair is exact, or why it is skipped (rendered into the README).
     """
 
     linears: tuple[str, ...]
     producer: str | None
+    producer_parts: int = 1
+    float_consumers: tuple[str, ...] = ()
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Where a layer's fused expert parameters are and how they split into per-expert linears.
+
+    linears: (linear name, fused parameter, part, parts): part `part` of `parts` equal row blocks of
+    parameter[e]; the expert computes down(act(gate(x)) * up(x)) with the module's own act_fn.
+    """
+
+    path: str
+    linears: tuple[tuple[str, str, int, int], ...] = (
+        ("gate_proj", "gate_up_proj", 0, 2),
+        ("up_proj", "gate_up_proj", 1, 2),
+        ("down_proj", "down_proj", 0, 1),
+    )
 
 
 @dataclass(frozen=True)
@@ -33,60 +66,237 @@ class Adapter:
     layers: str  # the nn.ModuleList of decoder layers, from the causal-LM root
     inputs: tuple[InputGroup, ...]  # in execution order within a layer
     layer_returns_tuple: bool = False
+    family: str = ""  # the checkpoints this entry is for, as users call them
+    norm_offset: float = 0.0  # norms compute x_hat * (offset + w): Gemma's (1 + w)
+    experts: Experts | None = None
+    ignore: tuple[str, ...] = ("lm_head",)  # modules left in float, compressed-tensors' `ignore`
+    notes: str = ""  # what else is particular to the family and needs nothing from dgq
+    num_experts: int = 0  # set by bind()
+    fusion: tuple[InputGroup, ...] | None = None  # set by bind(): groups that share one GEMM at runtime
 
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for group in self.inputs for name in group.linears)
 
+    def fusion_groups(self) -> tuple[InputGroup, ...]:
+        """Groups whose linears may run as one GEMM: per expert for MoE (each expert sees its own
+        tokens at runtime), else the input groups."""
+        return self.fusion if self.fusion is not None else self.inputs
+
+    def bind(self, model: nn.Module) -> Adapter:
+        """The adapter for this model instance: experts split into linears, placeholders expanded."""
+        if self.experts is None:
+            return self
+        if EXPERT not in "".join(self.linear_names()):
+            return self  # already bound
+        from .moe import split_experts
+
+        count = split_experts(model, self)
+        inputs, fusion = [], []
+        for group in self.inputs:
+            expanded = _expand(group, count)
+            inputs.extend(expanded)
+            fusion.extend(_expand(group, count, per_expert=True))
+        return dataclasses.replace(self, inputs=tuple(inputs), fusion=tuple(fusion), num_experts=count)
+
+
+def _expand(group: InputGroup, count: int, per_expert: bool = False) -> list[InputGroup]:
+    """A group whose producer is per expert becomes one group per expert; one whose producer is
+    shared (the norm before the MoE block) stays one group over every expert's linears, since all
+    of them read that one activation. per_expert: split the latter too (the runtime's fusion
+    groups: each expert sees only its routed tokens), non-expert linears as a group of their own."""
+    templated = [n for n in group.linears if EXPERT in n]
+    if not templated:
+        return [group]
+    plain = tuple(n for n in group.linears if EXPERT not in n)
+
+    def at(e: int) -> InputGroup:
+        producer = group.producer.replace(EXPERT, str(e)) if group.producer else None
+        return dataclasses.replace(group, linears=tuple(n.replace(EXPERT, str(e)) for n in templated), producer=producer)
+
+    if per_expert or (group.producer and EXPERT in group.producer):
+        return [at(e) for e in range(count)] + ([dataclasses.replace(group, linears=plain)] if plain else [])
+    names = tuple(n.replace(EXPERT, str(e)) for e in range(count) for n in templated)
+    return [dataclasses.replace(group, linears=names + plain)]
+
+
+# ----------------------------------------------------------------------------------- the table
+
+_NORM_QKV = "norm -> q/k/v: the norm's weight (and bias) take 1 / k"
+_V_O = "v -> o: v's rows take 1 / k; attention mixes tokens, not channels, so it stays exact; skipped under grouped-query attention (widths differ)"
+_UP_DOWN = "up -> down: act(gate) * up is linear in up's rows"
 
 _LLAMA = Adapter(
     base="model",
     layers="model.layers",
     inputs=(
-        InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-        InputGroup(("self_attn.o_proj",), "self_attn.v_proj"),
-        InputGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
-        InputGroup(("mlp.down_proj",), "mlp.up_proj"),
+        InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", note=_NORM_QKV),
+        InputGroup(("self_attn.o_proj",), "self_attn.v_proj", note=_V_O),
+        InputGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", note="norm -> gate/up"),
+        InputGroup(("mlp.down_proj",), "mlp.up_proj", note=_UP_DOWN),
     ),
+    family="LLaMA 1/2/3.x, Mistral, Qwen2 / Qwen2.5",
+    notes="grouped-query attention skips v -> o; rope scaling (llama3, yarn) lives in the rotary "
+          "embedding, which the capture records per layer; tied or untied embeddings (lm_head stays "
+          "float either way); Qwen2.5's q/k/v biases are untouched by column scaling, v's bias takes 1 / k",
+)
+
+_QWEN3 = dataclasses.replace(
+    _LLAMA,
+    family="Qwen3",
+    notes="per-head q_norm / k_norm act on q and k outputs, after the linears: norm -> q/k/v scales "
+          "their input columns and stays exact; q and k never produce a quantized input, so no pair "
+          "crosses q_norm / k_norm; v is not normed, so v -> o stays exact (skipped under GQA); "
+          "head_dim may differ from hidden / heads",
+)
+
+_PHI3 = Adapter(
+    base="model",
+    layers="model.layers",
+    inputs=(
+        InputGroup(("self_attn.qkv_proj",), "input_layernorm", note="norm -> fused qkv, quantized as one linear"),
+        InputGroup(("self_attn.o_proj",), "self_attn.qkv_proj", producer_parts=3,
+                   note="v (the last third of qkv's rows) -> o; only when q, k, v are equally wide (no GQA)"),
+        InputGroup(("mlp.gate_up_proj",), "post_attention_layernorm", note="norm -> fused gate_up"),
+        InputGroup(("mlp.down_proj",), "mlp.gate_up_proj", producer_parts=2,
+                   note="up (the second half of gate_up's rows) -> down"),
+    ),
+    family="Phi-3 / Phi-3.5 / Phi-4 (phi3 layout)",
+    notes="fused qkv_proj and gate_up_proj are quantized as they are (one GEMM each, like the "
+          "runtime's fused projections); longrope scaling lives in the rotary embedding",
+)
+
+_GEMMA = Adapter(
+    base="model",
+    layers="model.layers",
+    inputs=(
+        InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm",
+                   note="norm -> q/k/v: (1 + w) / k folds exactly as w' = (1 + w) / k - 1"),
+        InputGroup(("self_attn.o_proj",), "self_attn.v_proj", note=_V_O),
+        InputGroup(("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm",
+                   note="pre-feedforward norm -> gate/up, (1 + w) folded as above"),
+        InputGroup(("mlp.down_proj",), "mlp.up_proj", note=_UP_DOWN + " (gelu on gate only)"),
+    ),
+    family="Gemma 2, Gemma 3 (text)",
+    norm_offset=1.0,
+    notes="post-attention and post-feedforward norms read o's and down's outputs, which smoothing "
+          "leaves unchanged, so they take no fold; embedding scaling (sqrt(hidden)) runs before layer 0 "
+          "and the capture records its output; attention and final-logit soft-capping (tanh) sit after "
+          "q/k and after lm_head, outside every pair; Gemma 3's q_norm / k_norm as in Qwen3; sliding and "
+          "global layers get their own masks and rotary tables (recorded per layer). Exact in fp32; in "
+          "fp16 / bf16 the folded w' = (1 + w) / k - 1 rounds coarser than a plain weight when k is large",
+)
+
+_MOE_NOTE = ("every token goes to every expert while statistics are captured (each expert's "
+             "statistics and search see all calibration tokens); the layer output still uses the "
+             "float top-k routing; routed per-expert token counts are recorded in the calibrate manifest")
+
+_MIXTRAL = Adapter(
+    base="model",
+    layers="model.layers",
+    inputs=(
+        _LLAMA.inputs[0],
+        _LLAMA.inputs[1],
+        InputGroup(("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), "post_attention_layernorm",
+                   float_consumers=("mlp.gate",),
+                   note="norm -> every expert's gate/up (one activation); the float router's columns take k too"),
+        InputGroup(("mlp.experts.{e}.down_proj",), "mlp.experts.{e}.up_proj", note=_UP_DOWN + ", per expert"),
+    ),
+    family="Mixtral",
+    experts=Experts("mlp.experts"),
+    ignore=("lm_head", "re:.*mlp.gate$"),
+    notes="router (mlp.gate) in float; " + _MOE_NOTE,
+)
+
+_QWEN3_MOE = dataclasses.replace(
+    _MIXTRAL,
+    family="Qwen3-MoE",
+    notes="router (mlp.gate) in float; q_norm / k_norm as in Qwen3; every layer must be sparse "
+          "(mlp_only_layers empty, decoder_sparse_step 1); " + _MOE_NOTE,
+)
+
+_QWEN2_MOE = dataclasses.replace(
+    _MIXTRAL,
+    inputs=(
+        _LLAMA.inputs[0],
+        _LLAMA.inputs[1],
+        InputGroup(("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.shared_expert.gate_proj",
+                    "mlp.shared_expert.up_proj"), "post_attention_layernorm",
+                   float_consumers=("mlp.gate", "mlp.shared_expert_gate"),
+                   note="norm -> every expert's and the shared expert's gate/up; router and shared-expert gate take k in float"),
+        InputGroup(("mlp.experts.{e}.down_proj",), "mlp.experts.{e}.up_proj", note=_UP_DOWN + ", per expert"),
+        InputGroup(("mlp.shared_expert.down_proj",), "mlp.shared_expert.up_proj", note=_UP_DOWN + ", shared expert"),
+    ),
+    family="Qwen1.5-MoE / Qwen2-MoE",
+    ignore=("lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"),
+    notes="router and sigmoid shared-expert gate in float; " + _MOE_NOTE,
 )
 
 _OPT = Adapter(
     base="model",
     layers="model.decoder.layers",
     inputs=(
-        InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn_layer_norm"),
-        InputGroup(("self_attn.out_proj",), "self_attn.v_proj"),
-        InputGroup(("fc1",), "final_layer_norm"),
-        InputGroup(("fc2",), "fc1"),  # ReLU is positively homogeneous, so fc1's rows can absorb 1 / k
+        InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn_layer_norm", note=_NORM_QKV),
+        InputGroup(("self_attn.out_proj",), "self_attn.v_proj", note=_V_O),
+        InputGroup(("fc1",), "final_layer_norm", note="norm -> fc1"),
+        InputGroup(("fc2",), "fc1", note="fc1 -> fc2: ReLU is positively homogeneous, so fc1's rows can absorb 1 / k"),
     ),
+    family="OPT",
 )
 
 _BLOOM = Adapter(
     base="transformer",
     layers="transformer.h",
     inputs=(
-        InputGroup(("self_attention.query_key_value",), "input_layernorm"),
-        InputGroup(("self_attention.dense",), None),  # fused qkv: v's rows are interleaved per head
-        InputGroup(("mlp.dense_h_to_4h",), "post_attention_layernorm"),
-        InputGroup(("mlp.dense_4h_to_h",), None),  # GELU in between
+        InputGroup(("self_attention.query_key_value",), "input_layernorm", note=_NORM_QKV),
+        InputGroup(("self_attention.dense",), None, note="skipped: fused qkv's v rows are interleaved per head"),
+        InputGroup(("mlp.dense_h_to_4h",), "post_attention_layernorm", note="norm -> h_to_4h"),
+        InputGroup(("mlp.dense_4h_to_h",), None, note="skipped: GELU in between"),
     ),
     layer_returns_tuple=True,
+    family="BLOOM",
 )
 
 ADAPTERS: dict[str, Adapter] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": _QWEN3,
+    "phi3": _PHI3,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "mixtral": _MIXTRAL,
+    "qwen3_moe": _QWEN3_MOE,
+    "qwen2_moe": _QWEN2_MOE,
     "opt": _OPT,
     "bloom": _BLOOM,
 }
 
 
 def adapter_for(model_type: str) -> Adapter:
+    """The table entry (expert names still as placeholders; use adapter_for_model for a model)."""
     try:
         return ADAPTERS[model_type]
     except KeyError:
         supported = ", ".join(sorted(ADAPTERS))
         raise DGQError(f"unsupported architecture '{model_type}'; supported: {supported}") from None
+
+
+def adapter_for_model(model: nn.Module) -> Adapter:
+    """The bound adapter of a loaded (or meta-built) model; MoE experts are split into linears."""
+    return adapter_for(model.config.model_type).bind(model)
+
+
+def supported_architectures() -> str:
+    """The README's architecture section, rendered from the table (Markdown)."""
+    by_entry: dict[int, tuple[Adapter, list[str]]] = {}
+    for model_type, adapter in ADAPTERS.items():
+        by_entry.setdefault(id(adapter), (adapter, []))[1].append(f"`{model_type}`")
+    lines = ["| family | model_type | smoothing pairs | left in float | notes |", "|---|---|---|---|---|"]
+    for adapter, types in by_entry.values():
+        pairs = "; ".join(group.note or f"{group.producer} -> {'/'.join(group.linears)}" for group in adapter.inputs)
+        lines.append(f"| {adapter.family} | {', '.join(types)} | {pairs} | "
+                     f"{', '.join(f'`{i}`' for i in adapter.ignore)}, embeddings | {adapter.notes or '-'} |")
+    return "\n".join(lines)
 
 
 def decoder_layers(model: nn.Module, adapter: Adapter) -> nn.ModuleList:
@@ -97,14 +307,20 @@ def layer_linears(layer: nn.Module, adapter: Adapter) -> dict[str, nn.Linear]:
     return {name: layer.get_submodule(name) for name in adapter.linear_names()}
 
 
+def _width(module: nn.Module) -> int:
+    return module.in_features if hasattr(module, "in_features") else module.weight.shape[1]
+
+
 def can_fold(layer: nn.Module, group: InputGroup) -> bool:
-    """Smoothing applies when the producer's output width equals the consumers' input width
-    (e.g. v_proj -> o_proj is skipped under grouped-query attention)."""
+    """Smoothing applies when the producer's output width (its last 1 / parts rows) equals the
+    consumers' input width (e.g. v_proj -> o_proj is skipped under grouped-query attention)."""
     if group.producer is None:
         return False
     producer = layer.get_submodule(group.producer)
-    width = producer.weight.shape[0]
-    return all(layer.get_submodule(name).in_features == width for name in group.linears)
+    width = layer.get_submodule(group.linears[0]).in_features
+    if producer.weight.shape[0] != group.producer_parts * width:
+        return False
+    return all(_width(layer.get_submodule(name)) == width for name in group.linears + group.float_consumers)
 
 
 def check_group_size(model: nn.Module, adapter: Adapter, group: int) -> None:

@@ -93,7 +93,7 @@ def fuse_shared_inputs(model: nn.Module, adapter: Adapter) -> int:
     Returns the number of fused groups."""
     count = 0
     for layer in decoder_layers(model, adapter):
-        for group in adapter.inputs:
+        for group in adapter.fusion_groups():
             members = [layer.get_submodule(name) for name in group.linears]
             if not _fusable(members):
                 continue

@@ -2,7 +2,8 @@
 
 A smoothing vector k divides the input channels of a linear (X / k) and multiplies the matching
 weight columns (W * k), so the float output is unchanged; 1 / k is folded into whatever produced X
-(a norm's weight and bias, or the output rows of a previous linear).
+(a norm's weight and bias, or the output rows of a previous linear). fold_group does both for one
+input group of the adapter table.
 """
 
 from __future__ import annotations
@@ -52,3 +53,25 @@ def fold_into_producer(weight: torch.Tensor, bias: torch.Tensor | None, k: torch
 def fold_into_consumer(weight: torch.Tensor, k: torch.Tensor) -> None:
     """Multiply a linear's input columns (o, C) by k."""
     weight.mul_(k.to(weight.dtype).unsqueeze(0))
+
+
+@torch.no_grad()
+def fold_group(layer: torch.nn.Module, adapter, group, k: torch.Tensor) -> None:
+    """Fold one smoothing vector into a decoder layer as the adapter table describes it: the
+    producer's rows (its last 1 / producer_parts of them) divided by k -- for a norm computing
+    x_hat * (offset + w), w becomes (offset + w) / k - offset -- and the columns of every consumer,
+    the quantized linears and the float ones (routers), multiplied by k."""
+    producer = layer.get_submodule(group.producer)
+    rows = producer.weight.shape[0] // group.producer_parts
+    start = producer.weight.shape[0] - rows
+    weight = producer.weight.data[start:]
+    bias = getattr(producer, "bias", None)
+    bias = bias.data[start:] if bias is not None else None
+    offset = adapter.norm_offset if producer.weight.dim() == 1 else 0.0
+    if offset:
+        weight.add_(offset)
+    fold_into_producer(weight, bias, k)
+    if offset:
+        weight.sub_(offset)
+    for name in group.linears + group.float_consumers:
+        fold_into_consumer(layer.get_submodule(name).weight.data, k)

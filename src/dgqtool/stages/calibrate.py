@@ -12,7 +12,7 @@ from ..calib.windows import sample_segments
 from ..corpora import load_corpus, tokenize
 from ..errors import DGQError
 from ..fingerprints import text_digest
-from ..models.adapters import Adapter, adapter_for, can_fold, check_group_size, decoder_layers
+from ..models.adapters import Adapter, adapter_for_model, can_fold, check_group_size, decoder_layers
 from ..models.load import canonical_spec, check_context_length, load_model, model_digest
 from ..recipe import CALIBRATE_OPTIONS
 from ..resources import Usage
@@ -58,7 +58,7 @@ def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -
         return done
     usage = Usage()
     model, tokenizer, source = load_model(model_spec, r.dtype, r.trust_remote_code, r.allow_pickle)
-    adapter = adapter_for(model.config.model_type)
+    adapter = adapter_for_model(model)
     tokens = sample_segments(tokenize(tokenizer, text), r.nsamples, r.seqlen, r.seed)
     check_context_length(model, r.seqlen)
     if planned_group is not None:
@@ -75,12 +75,16 @@ def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -
                 foldable.append(key)
     maxima: dict[str, torch.Tensor] = {}
     with ctx.reporter.task(f"calibrate {len(tokens)}x{tokens.shape[1]} tokens", len(layers)) as step:
-        run_layers(model, adapter, tokens, _ChannelMaxima(adapter, maxima), ctx.device, r.batch_size,
-                   on_layer=lambda i: step.advance(f"calibrate (layer {i + 1}/{len(layers)})"))
+        routed = run_layers(model, adapter, tokens, _ChannelMaxima(adapter, maxima), ctx.device, r.batch_size,
+                            on_layer=lambda i: step.advance(f"calibrate (layer {i + 1}/{len(layers)})"))
+    if routed:
+        idle = sum(c == 0 for counts in routed.values() for c in counts)
+        ctx.reporter.info(f"calibrate: {idle} of {sum(map(len, routed.values()))} experts got no routed tokens; "
+                          "every expert's statistics use all tokens (all-expert capture)")
     stats.update({f"{k}.act_absmax": v for k, v in maxima.items()})
     digest = write_tensors(ctx.stage_dir("calibrate") / "stats.safetensors", {"tokens": tokens, **stats})
     return write_manifest(
         ctx.stage_dir("calibrate"), "calibrate", options, inputs, {"stats.safetensors": digest},
         model_type=model.config.model_type, source=source.describe(), foldable=foldable,
-        num_layers=len(layers), resources=usage.snapshot(),
+        num_layers=len(layers), expert_tokens=routed, resources=usage.snapshot(),
     )

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from ..artifacts import read_tensors, write_manifest, write_tensors
-from ..models.adapters import Adapter, adapter_for, decoder_layers
+from ..models.adapters import Adapter, adapter_for_model, decoder_layers
 from ..errors import DGQError
 from ..models.load import load_model, model_digest
-from ..quant.smooth import cap_column_growth, fold_into_consumer, fold_into_producer, percentile_scales, smoothquant_scales
+from ..quant.smooth import cap_column_growth, fold_group, percentile_scales, smoothquant_scales
 from ..recipe import SMOOTH_OPTIONS, Recipe
 from ..resources import Usage
 from .graph import Context, input_key
@@ -51,12 +51,8 @@ def apply_smoothing(model: nn.Module, adapter: Adapter, scales: dict[str, torch.
     for index, layer in enumerate(decoder_layers(model, adapter)):
         for group in adapter.inputs:
             k = scales.get(f"{input_key(index, group)}.smooth")
-            if k is None:
-                continue
-            producer = layer.get_submodule(group.producer)
-            fold_into_producer(producer.weight.data, getattr(producer, "bias", None), k)
-            for name in group.linears:
-                fold_into_consumer(layer.get_submodule(name).weight.data, k)
+            if k is not None:
+                fold_group(layer, adapter, group, k)
 
 
 def smoothed_model(ctx: Context):
@@ -67,7 +63,7 @@ def smoothed_model(ctx: Context):
         raise DGQError(f"the model {calib['options']['model']} changed since `dgq calibrate` ran; rerun it (or `dgq quantize`)")
     model, tokenizer, _ = load_model(calib["options"]["model"], calib["options"]["dtype"],
                                      ctx.recipe.trust_remote_code, ctx.recipe.allow_pickle)
-    adapter = adapter_for(model.config.model_type)
+    adapter = adapter_for_model(model)
     scales = read_tensors(ctx.stage_dir("smooth") / "scales.safetensors", smooth_manifest["outputs"]["scales.safetensors"])
     apply_smoothing(model, adapter, scales)
     return model, tokenizer, adapter, scales, calib
