@@ -149,6 +149,10 @@ def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, 
     if problem:
         raise DGQError(f"{path}: {problem}")
     model.to_empty(device="cpu")
+    for module in model.modules():
+        if any(True for _ in module.buffers(recurse=False)) and getattr(module, "_non_persistent_buffers_set", None):
+            model._init_weights(module)  # rotary tables, embedding scales: before loading,
+            # since it re-initialises the module's parameters too (Gemma's scaled embedding)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -156,9 +160,6 @@ def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, 
     tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     if set(missing) - tied - _non_persistent(model) or unexpected:
         raise DGQError(f"{path}: tensors missing {sorted(set(missing) - tied)[:3]} / unexpected {sorted(unexpected)[:3]}")
-    for module in model.modules():
-        if any(True for _ in module.buffers(recurse=False)) and getattr(module, "_non_persistent_buffers_set", None):
-            model._init_weights(module)  # recompute rotary tables and other derived buffers
     model.tie_weights()
     check_quantized_modules(model, path)
     return model
