@@ -259,3 +259,26 @@ def test_moe_capture_gives_every_expert_every_token(tmp_path):
     assert all(sum(c) == tokens.numel() for c in routed.values())
     assert any(0 in c for c in routed.values())  # some expert got no routed token
     assert all(count == tokens.numel() for count in seen.values()) and len(seen) == 8
+
+
+@pytest.mark.parametrize("method,gptq", [("dgq", False), ("dgq", True), ("groupwise", False), ("rtn-dg", False)])
+def test_stacked_search_equals_one_search_per_linear(method, gptq, monkeypatch):
+    """The search runs a group's linears (all experts' gate/up) as stacked rows: bit-identical
+    parameters and the same per-linear errors as one call per linear, also when the stack splits."""
+    from dgqtool.quant import search
+    from dgqtool.quant.quantizer import fake_quantize_activations
+
+    gen = torch.Generator().manual_seed(0)
+    h = 128
+    x = torch.randn(256, h, generator=gen) * (1 + 10 * (torch.rand(h, generator=gen) > 0.97))
+    moments = search.accumulate_moments(x, lambda t: fake_quantize_activations(t, None), None)
+    weights = [torch.randn(rows, h, generator=gen) for rows in (32, 64, 32, 96)]
+    options = dict(method=method, group=32, grid1=8, grid2=16, gptq=gptq)
+    monkeypatch.setattr(search, "STACK_ELEMENTS", 160 * h)  # splits into [32, 64, 32], [96]
+    stacked = search.quantize_weights(weights, moments, **options)
+    for w, got in zip(weights, stacked):
+        want = search.quantize_weight(w, moments, **options)
+        for field in ("codes", "zero", "s2", "s1", "scale"):
+            if hasattr(want.weight, field):
+                assert torch.equal(getattr(got.weight, field), getattr(want.weight, field)), field
+        assert got.error == pytest.approx(want.error, rel=1e-6) and got.error_rtn == pytest.approx(want.error_rtn, rel=1e-6)

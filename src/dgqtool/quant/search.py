@@ -19,6 +19,7 @@ comparison between grid points accurate even when the big matmul runs in TF32 on
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -217,7 +218,7 @@ def rtn_dual_grained(w: torch.Tensor, group: int) -> DualGrainedWeight:
     return make_dual_grained(w, split_scales(scale, s1), zero, s1)
 
 
-def quantize_weight(
+def search_weight(
     w: torch.Tensor,
     moments: SecondMoments,
     *,
@@ -228,12 +229,11 @@ def quantize_weight(
     objective: Objective = "xhat",
     refine: bool = False,
     gptq: bool = False,
-) -> SearchResult:
-    """Quantize one linear's weight (o, h) with the given method; errors are relative output errors."""
+) -> QuantizedWeight:
+    """The quantized weight of one linear (o, h) with the given method (no error report)."""
     w = w.float()
-    rtn_dg = rtn_dual_grained(w, group)
     if method == "rtn-dg":
-        result: QuantizedWeight = rtn_dg
+        result: QuantizedWeight = rtn_dual_grained(w, group)
     elif method == "dgq":
         scale, zero = search_group_scales(w, moments, group, alpha_grid(grid1), objective)
         s1 = search_channel_scales(w, scale, zero, moments, alpha_grid(grid2, span=PHASE2_SPAN), objective)
@@ -248,11 +248,59 @@ def quantize_weight(
         result = _group_weight(w, scale, zero, g)
     if gptq:
         result = with_gptq_codes(w, result, *moments.objective(objective))
+    return result
+
+
+def _reported(w: torch.Tensor, result: QuantizedWeight, moments: SecondMoments, group: int, objective: Objective) -> SearchResult:
+    w = w.float()
     return SearchResult(
         weight=result,
-        error_rtn=relative_error(w, rtn_dg.dequantize(), moments, objective),
+        error_rtn=relative_error(w, rtn_dual_grained(w, group).dequantize(), moments, objective),
         error=relative_error(w, result.dequantize(), moments, objective),
     )
+
+
+def quantize_weight(w: torch.Tensor, moments: SecondMoments, **options) -> SearchResult:
+    """Quantize one linear's weight (o, h) (options as search_weight); errors are relative output
+    errors, of the result and of RTN dual-grained as the "before search" reference."""
+    return _reported(w, search_weight(w, moments, **options), moments, options.get("group", 128),
+                     options.get("objective", "xhat"))
+
+
+# Upper bound on rows x columns of one stacked search (a few tensors of this size are live at once).
+STACK_ELEMENTS = 1 << 26
+
+
+def _row_slice(weight: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
+    fields = {f.name: getattr(weight, f.name)[start:stop] for f in dataclasses.fields(weight)}
+    return type(weight)(**fields)
+
+
+def quantize_weights(weights: list[torch.Tensor], moments: SecondMoments, **options) -> list[SearchResult]:
+    """quantize_weight for several linears that read one activation (one set of moments), searched
+    as stacked rows: every step of every method (GPTQ included) is per output channel, so the codes
+    and scales are those of one call per linear, in fewer, larger launches -- all experts' gate/up
+    of an MoE layer in a few calls instead of 2 x experts. Errors are reported per linear."""
+    results: list[SearchResult] = []
+    objective, group = options.get("objective", "xhat"), options.get("group", 128)
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        searched = search_weight(torch.cat(batch) if len(batch) > 1 else batch[0], moments, **options)
+        start = 0
+        for w in batch:
+            stop = start + w.shape[0]
+            results.append(_reported(w, _row_slice(searched, start, stop), moments, group, objective))
+            start = stop
+        batch.clear()
+
+    for w in weights:
+        if batch and (sum(b.shape[0] for b in batch) + w.shape[0]) * w.shape[1] > STACK_ELEMENTS:
+            flush()
+        batch.append(w)
+    if batch:
+        flush()
+    return results
 
 
 def accumulate_moments(

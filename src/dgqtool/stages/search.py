@@ -18,7 +18,7 @@ from ..errors import DGQError
 from ..format import FORMAT_VERSION, linear_tensors, linear_weight
 from ..models.adapters import Adapter, InputGroup, check_group_size, decoder_layers, layer_linears
 from ..quant.quantizer import INT8_MAX, fake_quantize_activations
-from ..quant.search import SecondMoments, SearchResult, accumulate_moments, quantize_weight
+from ..quant.search import SecondMoments, SearchResult, accumulate_moments, quantize_weights
 from ..recipe import SEARCH_OPTIONS
 from ..resources import Usage
 from .graph import Context, input_key
@@ -89,11 +89,12 @@ class _LayerSearch:
             if not all(torch.isfinite(m).all() for m in (moments.xx, moments.xq, moments.qq)):
                 raise DGQError(f"non-finite calibration activations at the input of layer {key}")
             scale = self.static_scale(index, group)
-            for name in group.linears:
-                result: SearchResult = quantize_weight(
-                    layer.get_submodule(name).weight.detach(), moments, method=r.method, group=r.group,
-                    grid1=r.grid1, grid2=r.grid2, objective=r.objective, refine=r.refine, gptq=r.gptq,
-                )
+            results: list[SearchResult] = quantize_weights(  # the group's linears as stacked rows
+                [layer.get_submodule(name).weight.detach() for name in group.linears], moments,
+                method=r.method, group=r.group, grid1=r.grid1, grid2=r.grid2, objective=r.objective,
+                refine=r.refine, gptq=r.gptq,
+            )
+            for name, result in zip(group.linears, results):
                 tensors.update(linear_tensors(name, result.weight, torch.float32))  # search keeps float32 scales
                 if scale is not None:
                     tensors[f"{name}.input_scale"] = scale.clone()  # safetensors stores no aliases
