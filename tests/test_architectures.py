@@ -43,6 +43,13 @@ ARCHS = {
     # Gemma 3: also q_norm / k_norm and separate local / global rotary tables
     "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                         layer_types=["sliding_attention", "full_attention"]), 3),
+    # Gemma 3 multimodal checkpoint (Gemma3ForConditionalGeneration): the language model quantized
+    "gemma3-mm": ("Gemma3Config", dict(text_config=dict(num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                                        query_pre_attn_scalar=16,
+                                                        layer_types=["sliding_attention", "full_attention"]),
+                                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                          num_attention_heads=2, image_size=28, patch_size=14),
+                                       mm_tokens_per_image=4, image_token_index=199), 3),
     "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                       intermediate_size=64), 2 + 4),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=4, head_dim=16, num_experts=4, num_experts_per_tok=2,
@@ -50,7 +57,8 @@ ARCHS = {
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=32, shared_expert_intermediate_size=64), 3 + 4),
 }
-IGNORE = {"mixtral": ["lm_head", "re:.*mlp.gate$"], "qwen3_moe": ["lm_head", "re:.*mlp.gate$"],
+IGNORE = {"gemma3-mm": ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"],
+          "mixtral": ["lm_head", "re:.*mlp.gate$"], "qwen3_moe": ["lm_head", "re:.*mlp.gate$"],
           "qwen2_moe": ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]}
 MOE = ("mixtral", "qwen3_moe", "qwen2_moe")
 
@@ -76,11 +84,15 @@ def build(arch: str, path: Path) -> Path:
     torch.manual_seed(0)
     tokenizer = make_tokenizer(CORPUS)
     cls, kwargs, _ = ARCHS[arch]
-    config = getattr(transformers, cls)(vocab_size=len(tokenizer), **(COMMON | kwargs))
+    if "text_config" in kwargs:  # a multimodal config: the text model's sizes go into text_config
+        kwargs = kwargs | {"text_config": COMMON | {"vocab_size": len(tokenizer)} | kwargs["text_config"]}
+        config = getattr(transformers, cls)(**kwargs)
+    else:
+        config = getattr(transformers, cls)(vocab_size=len(tokenizer), **(COMMON | kwargs))
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # norms initialised to their identity would hide a wrong fold
         for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
+            if p.dim() == 1 and "norm" in name and "vision" not in name:
                 p.add_(0.1 * torch.randn_like(p))
     _outliers(model, adapter_for(config.model_type).norm_offset)
     model.save_pretrained(path)
@@ -94,7 +106,8 @@ def arch(request, tmp_path_factory):
 
 
 def _tokens(model, n=2, length=24):
-    return torch.randint(3, model.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(0))
+    vocab = model.config.get_text_config().vocab_size - 8  # clear of a multimodal model's image tokens
+    return torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(0))
 
 
 def test_every_family_is_in_the_table():

@@ -135,7 +135,7 @@ def verify_checkpoint(path: Path, reference=None, tokens: torch.Tensor | None = 
         checks += [c for c in (_ranges(model), _integer_vs_float(model, seed), _same_source(qconfig, reference_digest)) if c]
         if reference is not None:
             if tokens is None:
-                vocab = reference.config.vocab_size
+                vocab = reference.config.get_text_config().vocab_size  # multimodal configs nest it
                 tokens = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(seed))
             checks += _logits_vs_reference(model, reference.float(), tokens)
             if gate is not None:

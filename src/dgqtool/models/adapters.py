@@ -186,6 +186,16 @@ _GEMMA = Adapter(
           "fp16 / bf16 the folded w' = (1 + w) / k - 1 rounds coarser than a plain weight when k is large",
 )
 
+_GEMMA3_MM = dataclasses.replace(
+    _GEMMA,
+    base="model.language_model",
+    layers="model.language_model.layers",
+    family="Gemma 3 multimodal checkpoints (4B and up): the language model",
+    ignore=("lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"),
+    notes="the vision tower and the multimodal projector stay float; text-only calibration and "
+          "evaluation; the language model is the Gemma 3 entry above",
+)
+
 _MOE_NOTE = ("every token goes to every expert while statistics are captured (each expert's "
              "statistics and search see all calibration tokens); the layer output still uses the "
              "float top-k routing; routed per-expert token counts are recorded in the calibrate manifest")
@@ -264,6 +274,7 @@ ADAPTERS: dict[str, Adapter] = {
     "phi3": _PHI3,
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
+    "gemma3": _GEMMA3_MM,
     "mixtral": _MIXTRAL,
     "qwen3_moe": _QWEN3_MOE,
     "qwen2_moe": _QWEN2_MOE,
