@@ -295,3 +295,9 @@ def test_stacked_search_equals_one_search_per_linear(method, gptq, monkeypatch):
             if hasattr(want.weight, field):
                 assert torch.equal(getattr(got.weight, field), getattr(want.weight, field)), field
         assert got.error == pytest.approx(want.error, rel=1e-6) and got.error_rtn == pytest.approx(want.error_rtn, rel=1e-6)
+
+
+def test_docs_list_is_generated_from_the_table():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
+    generated = text.split("<!-- generated: supported_architectures() -->\n")[1].split("<!-- end generated -->")[0]
+    assert generated.strip() == supported_architectures().strip(), "regenerate docs/architectures.md"

@@ -121,48 +121,40 @@ def _expand(group: InputGroup, count: int, per_expert: bool = False) -> list[Inp
 
 # ----------------------------------------------------------------------------------- the table
 
-_NORM_QKV = "norm -> q/k/v: the norm's weight (and bias) take 1 / k"
-_V_O = "v -> o: v's rows take 1 / k; attention mixes tokens, not channels, so it stays exact; skipped under grouped-query attention (widths differ)"
-_UP_DOWN = "up -> down: act(gate) * up is linear in up's rows"
-
+_GQA = "not under grouped-query attention"
 _LLAMA = Adapter(
     base="model",
     layers="model.layers",
     inputs=(
-        InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", note=_NORM_QKV),
-        InputGroup(("self_attn.o_proj",), "self_attn.v_proj", note=_V_O),
-        InputGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", note="norm -> gate/up"),
-        InputGroup(("mlp.down_proj",), "mlp.up_proj", note=_UP_DOWN),
+        InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+        InputGroup(("self_attn.o_proj",), "self_attn.v_proj", note=_GQA),
+        InputGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+        InputGroup(("mlp.down_proj",), "mlp.up_proj", note="act(gate) * up is linear in up"),
     ),
     family="LLaMA 1/2/3.x, Mistral, Qwen2 / Qwen2.5",
-    notes="grouped-query attention skips v -> o; rope scaling (llama3, yarn) lives in the rotary "
-          "embedding, which the capture records per layer; tied or untied embeddings (lm_head stays "
-          "float either way); Qwen2.5's q/k/v biases are untouched by column scaling, v's bias takes 1 / k",
+    notes="Llama-3 rope scaling lives in the rotary tables the capture records; tied or untied "
+          "embeddings; Qwen2.5's q/k/v biases: column scaling leaves them, v's bias takes 1 / k",
 )
 
 _QWEN3 = dataclasses.replace(
     _LLAMA,
     family="Qwen3",
-    notes="per-head q_norm / k_norm act on q and k outputs, after the linears: norm -> q/k/v scales "
-          "their input columns and stays exact; q and k never produce a quantized input, so no pair "
-          "crosses q_norm / k_norm; v is not normed, so v -> o stays exact (skipped under GQA); "
-          "head_dim may differ from hidden / heads",
+    notes="per-head q_norm / k_norm come after q and k, which produce no quantized input: no pair "
+          "crosses them, all stay exact; head_dim may differ from hidden / heads",
 )
 
 _PHI3 = Adapter(
     base="model",
     layers="model.layers",
     inputs=(
-        InputGroup(("self_attn.qkv_proj",), "input_layernorm", note="norm -> fused qkv, quantized as one linear"),
+        InputGroup(("self_attn.qkv_proj",), "input_layernorm"),
         InputGroup(("self_attn.o_proj",), "self_attn.qkv_proj", producer_parts=3,
-                   note="v (the last third of qkv's rows) -> o; only when q, k, v are equally wide (no GQA)"),
-        InputGroup(("mlp.gate_up_proj",), "post_attention_layernorm", note="norm -> fused gate_up"),
-        InputGroup(("mlp.down_proj",), "mlp.gate_up_proj", producer_parts=2,
-                   note="up (the second half of gate_up's rows) -> down"),
+                   note="v = the last third of qkv's rows; only when q, k, v are equally wide (no GQA)"),
+        InputGroup(("mlp.gate_up_proj",), "post_attention_layernorm"),
+        InputGroup(("mlp.down_proj",), "mlp.gate_up_proj", producer_parts=2, note="up = the second half of gate_up's rows"),
     ),
-    family="Phi-3 / Phi-3.5 / Phi-4 (phi3 layout)",
-    notes="fused qkv_proj and gate_up_proj are quantized as they are (one GEMM each, like the "
-          "runtime's fused projections); longrope scaling lives in the rotary embedding",
+    family="Phi-3 / Phi-3.5 / Phi-4",
+    notes="fused qkv_proj and gate_up_proj are quantized as they are, one GEMM each",
 )
 
 _GEMMA = Adapter(
@@ -170,35 +162,32 @@ _GEMMA = Adapter(
     layers="model.layers",
     inputs=(
         InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm",
-                   note="norm -> q/k/v: (1 + w) / k folds exactly as w' = (1 + w) / k - 1"),
-        InputGroup(("self_attn.o_proj",), "self_attn.v_proj", note=_V_O),
-        InputGroup(("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm",
-                   note="pre-feedforward norm -> gate/up, (1 + w) folded as above"),
-        InputGroup(("mlp.down_proj",), "mlp.up_proj", note=_UP_DOWN + " (gelu on gate only)"),
+                   note="(1 + w) / k folds as w' = (1 + w) / k - 1"),
+        InputGroup(("self_attn.o_proj",), "self_attn.v_proj", note=_GQA),
+        InputGroup(("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm", note="(1 + w) as above"),
+        InputGroup(("mlp.down_proj",), "mlp.up_proj"),
     ),
     family="Gemma 2, Gemma 3 (text)",
     norm_offset=1.0,
-    notes="post-attention and post-feedforward norms read o's and down's outputs, which smoothing "
-          "leaves unchanged, so they take no fold; embedding scaling (sqrt(hidden)) runs before layer 0 "
-          "and the capture records its output; attention and final-logit soft-capping (tanh) sit after "
-          "q/k and after lm_head, outside every pair; Gemma 3's q_norm / k_norm as in Qwen3; sliding and "
-          "global layers get their own masks and rotary tables (recorded per layer). Exact in fp32; in "
-          "fp16 / bf16 the folded w' = (1 + w) / k - 1 rounds coarser than a plain weight when k is large",
+    notes="post-attention / post-feedforward norms read o's and down's outputs, which smoothing "
+          "leaves unchanged: no fold; embedding scaling runs before layer 0; attention and final-logit "
+          "soft-capping sit after q/k and lm_head, outside every pair; sliding and global layers get "
+          "their own masks and rotary tables; exact in fp32, in fp16 / bf16 a folded (1 + w) / k - 1 "
+          "rounds coarser than a plain weight when k is large",
 )
 
 _GEMMA3_MM = dataclasses.replace(
     _GEMMA,
     base="model.language_model",
     layers="model.language_model.layers",
-    family="Gemma 3 multimodal checkpoints (4B and up): the language model",
+    family="Gemma 3 multimodal checkpoints (4B and up)",
     ignore=("lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"),
-    notes="the vision tower and the multimodal projector stay float; text-only calibration and "
-          "evaluation; the language model is the Gemma 3 entry above",
+    notes="the language model as Gemma 3 (text); vision tower and projector stay float; text-only calibration",
 )
 
-_MOE_NOTE = ("every token goes to every expert while statistics are captured (each expert's "
-             "statistics and search see all calibration tokens); the layer output still uses the "
-             "float top-k routing; routed per-expert token counts are recorded in the calibrate manifest")
+_MOE_NOTE = ("calibration sends every token to every expert (each expert's statistics and search see "
+             "all tokens) while the layer output keeps the float top-k routing; routed token counts "
+             "per expert go to the calibrate manifest")
 
 _MIXTRAL = Adapter(
     base="model",
@@ -207,21 +196,19 @@ _MIXTRAL = Adapter(
         _LLAMA.inputs[0],
         _LLAMA.inputs[1],
         InputGroup(("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"), "post_attention_layernorm",
-                   float_consumers=("mlp.gate",),
-                   note="norm -> every expert's gate/up (one activation); the float router's columns take k too"),
-        InputGroup(("mlp.experts.{e}.down_proj",), "mlp.experts.{e}.up_proj", note=_UP_DOWN + ", per expert"),
+                   float_consumers=("mlp.gate",), note="all experts read one activation; the float router takes k"),
+        InputGroup(("mlp.experts.{e}.down_proj",), "mlp.experts.{e}.up_proj", note="per expert"),
     ),
     family="Mixtral",
     experts=Experts("mlp.experts"),
     ignore=("lm_head", "re:.*mlp.gate$"),
-    notes="router (mlp.gate) in float; " + _MOE_NOTE,
+    notes=_MOE_NOTE,
 )
 
 _QWEN3_MOE = dataclasses.replace(
     _MIXTRAL,
     family="Qwen3-MoE",
-    notes="router (mlp.gate) in float; q_norm / k_norm as in Qwen3; every layer must be sparse "
-          "(mlp_only_layers empty, decoder_sparse_step 1); " + _MOE_NOTE,
+    notes="q_norm / k_norm as in Qwen3; every layer sparse (no mlp_only_layers, decoder_sparse_step 1); " + _MOE_NOTE,
 )
 
 _QWEN2_MOE = dataclasses.replace(
@@ -232,23 +219,23 @@ _QWEN2_MOE = dataclasses.replace(
         InputGroup(("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.shared_expert.gate_proj",
                     "mlp.shared_expert.up_proj"), "post_attention_layernorm",
                    float_consumers=("mlp.gate", "mlp.shared_expert_gate"),
-                   note="norm -> every expert's and the shared expert's gate/up; router and shared-expert gate take k in float"),
-        InputGroup(("mlp.experts.{e}.down_proj",), "mlp.experts.{e}.up_proj", note=_UP_DOWN + ", per expert"),
-        InputGroup(("mlp.shared_expert.down_proj",), "mlp.shared_expert.up_proj", note=_UP_DOWN + ", shared expert"),
+                   note="experts and shared expert read one activation; router and shared-expert gate take k in float"),
+        InputGroup(("mlp.experts.{e}.down_proj",), "mlp.experts.{e}.up_proj", note="per expert"),
+        InputGroup(("mlp.shared_expert.down_proj",), "mlp.shared_expert.up_proj"),
     ),
     family="Qwen1.5-MoE / Qwen2-MoE",
     ignore=("lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"),
-    notes="router and sigmoid shared-expert gate in float; " + _MOE_NOTE,
+    notes=_MOE_NOTE,
 )
 
 _OPT = Adapter(
     base="model",
     layers="model.decoder.layers",
     inputs=(
-        InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn_layer_norm", note=_NORM_QKV),
-        InputGroup(("self_attn.out_proj",), "self_attn.v_proj", note=_V_O),
-        InputGroup(("fc1",), "final_layer_norm", note="norm -> fc1"),
-        InputGroup(("fc2",), "fc1", note="fc1 -> fc2: ReLU is positively homogeneous, so fc1's rows can absorb 1 / k"),
+        InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn_layer_norm"),
+        InputGroup(("self_attn.out_proj",), "self_attn.v_proj"),
+        InputGroup(("fc1",), "final_layer_norm"),
+        InputGroup(("fc2",), "fc1", note="ReLU is positively homogeneous"),
     ),
     family="OPT",
 )
@@ -257,10 +244,10 @@ _BLOOM = Adapter(
     base="transformer",
     layers="transformer.h",
     inputs=(
-        InputGroup(("self_attention.query_key_value",), "input_layernorm", note=_NORM_QKV),
-        InputGroup(("self_attention.dense",), None, note="skipped: fused qkv's v rows are interleaved per head"),
-        InputGroup(("mlp.dense_h_to_4h",), "post_attention_layernorm", note="norm -> h_to_4h"),
-        InputGroup(("mlp.dense_4h_to_h",), None, note="skipped: GELU in between"),
+        InputGroup(("self_attention.query_key_value",), "input_layernorm"),
+        InputGroup(("self_attention.dense",), None, note="fused qkv's v rows are interleaved per head"),
+        InputGroup(("mlp.dense_h_to_4h",), "post_attention_layernorm"),
+        InputGroup(("mlp.dense_4h_to_h",), None, note="GELU in between"),
     ),
     layer_returns_tuple=True,
     family="BLOOM",
@@ -297,16 +284,41 @@ def adapter_for_model(model: nn.Module) -> Adapter:
     return adapter_for(model.config.model_type).bind(model)
 
 
+def _short(names: tuple[str, ...]) -> str:
+    """mlp.experts.{e}.gate_proj -> experts' gate_proj; self_attn.q_proj -> q_proj."""
+    out = []
+    for name in names:
+        parts = name.split(".")
+        short = f"experts' {parts[-1]}" if EXPERT in parts else ("shared " if "shared_expert" in parts else "") + parts[-1]
+        if short not in out:
+            out.append(short)
+    return " / ".join(out)
+
+
+def describe(adapter: Adapter) -> str:
+    """The smoothing pairs of one entry, in words: producer -> consumers (note), or why none."""
+    pairs = []
+    for group in adapter.inputs:
+        if group.producer is None:
+            pairs.append(f"{_short(group.linears)}: no fold ({group.note})")
+            continue
+        text = f"{_short((group.producer,))} -> {_short(group.linears)}"
+        pairs.append(f"{text} ({group.note})" if group.note else text)
+    return "; ".join(pairs)
+
+
 def supported_architectures() -> str:
-    """The README's architecture section, rendered from the table (Markdown)."""
+    """The README's list of supported architectures, rendered from the table (Markdown); also
+    docs/architectures.md, which a test keeps equal to it:
+    python -c 'from dgqtool.models.adapters import supported_architectures as s; print(s())'"""
     by_entry: dict[int, tuple[Adapter, list[str]]] = {}
     for model_type, adapter in ADAPTERS.items():
         by_entry.setdefault(id(adapter), (adapter, []))[1].append(f"`{model_type}`")
-    lines = ["| family | model_type | smoothing pairs | left in float | notes |", "|---|---|---|---|---|"]
+    lines = []
     for adapter, types in by_entry.values():
-        pairs = "; ".join(group.note or f"{group.producer} -> {'/'.join(group.linears)}" for group in adapter.inputs)
-        lines.append(f"| {adapter.family} | {', '.join(types)} | {pairs} | "
-                     f"{', '.join(f'`{i}`' for i in adapter.ignore)}, embeddings | {adapter.notes or '-'} |")
+        kept = ", ".join(f"`{name}`" for name in adapter.ignore)
+        line = f"- **{adapter.family}** ({', '.join(types)}). Smoothing: {describe(adapter)}. Float: {kept}, embeddings."
+        lines.append(line + (f" Also: {adapter.notes}." if adapter.notes else ""))
     return "\n".join(lines)
 
 
