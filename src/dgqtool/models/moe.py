@@ -41,15 +41,22 @@ class ExpertLinears(nn.ModuleList):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
+        flat = top_k_index.flatten()
+        counts = torch.bincount(flat, minlength=len(self))[: len(self)]
+        order = torch.argsort(flat, stable=True)  # (token, slot) positions grouped by expert, tokens ascending
+        rows_of, slot_of = order // top_k_index.shape[-1], order % top_k_index.shape[-1]
+        sizes = counts.tolist()  # the one host sync per layer
         if self.capture:
-            self.routed += torch.bincount(top_k_index.flatten().cpu(), minlength=len(self))[: len(self)]
+            self.routed += torch.tensor(sizes)
         # a token picks an expert at most once, so each expert adds to distinct rows: the order of
-        # experts (and of rows within one) does not change the sum
-        for e, expert in enumerate(self):
-            rows, slot = torch.where(top_k_index == e)
+        # experts does not change the sum
+        start = 0
+        for e, (expert, size) in enumerate(zip(self, sizes)):
+            rows, slot = rows_of[start:start + size], slot_of[start:start + size]
+            start += size
             if self.capture:
                 y = expert(hidden_states)[rows]  # hooks see every token; the output keeps the routed ones
-            elif rows.numel() == 0:
+            elif size == 0:
                 continue
             else:
                 y = expert(hidden_states[rows])
