@@ -301,3 +301,28 @@ def test_docs_list_is_generated_from_the_table():
     text = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
     generated = text.split("<!-- generated: supported_architectures() -->\n")[1].split("<!-- end generated -->")[0]
     assert generated.strip() == supported_architectures().strip(), "regenerate docs/architectures.md"
+
+
+@pytest.mark.parametrize("cls,kwargs", [("Phi3Config", {}), ("Gemma2Config", dict(head_dim=16)),
+                                        ("Qwen2Config", {})])
+def test_grouped_query_attention_skips_v_to_o(cls, kwargs):
+    """Under GQA, v (or fused qkv's last third) is narrower than o's input: that pair is skipped,
+    the others still fold exactly."""
+    import transformers
+
+    config = getattr(transformers, cls)(vocab_size=64, **(COMMON | kwargs | dict(num_key_value_heads=2)))
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    adapter = adapter_for_model(model)
+    layer = decoder_layers(model, adapter)[0]
+    folds = [can_fold(layer, group) for group in adapter.inputs]
+    assert folds == [True, False, True, True]
+
+
+def test_moe_layers_without_experts_are_refused():
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(vocab_size=64, **(COMMON | dict(num_experts=4, num_experts_per_tok=2,
+                                                                            moe_intermediate_size=32, mlp_only_layers=[0])))
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(DGQError, match="layers without experts"):
+        adapter_for_model(model)
