@@ -47,6 +47,8 @@ class _Recorder(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:  # attributes the base forward reads off a layer (attention_type, ...)
+            if "_layer" not in self.__dict__:
+                raise
             return getattr(self.__dict__["_layer"], name)
 
     def forward(self, hidden, *args, **kwargs):
