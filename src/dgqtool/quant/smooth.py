@@ -68,10 +68,12 @@ def fold_group(layer: torch.nn.Module, adapter, group, k: torch.Tensor) -> None:
     bias = getattr(producer, "bias", None)
     bias = bias.data[start:] if bias is not None else None
     offset = adapter.norm_offset if producer.weight.dim() == 1 else 0.0
-    if offset:
-        weight.add_(offset)
-    fold_into_producer(weight, bias, k)
-    if offset:
-        weight.sub_(offset)
+    if offset:  # in fp32 and rounded once, with the k the consumers get (rounded to their dtype)
+        k_used = k.to(weight.dtype).float()
+        weight.copy_((weight.float() + offset) / k_used - offset)
+        if bias is not None:
+            bias.div_(k.to(bias.dtype))
+    else:
+        fold_into_producer(weight, bias, k)
     for name in group.linears + group.float_consumers:
         fold_into_consumer(layer.get_submodule(name).weight.data, k)
