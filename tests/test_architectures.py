@@ -18,7 +18,8 @@ from dgqtool.errors import DGQError
 from dgqtool.models.adapters import ADAPTERS, adapter_for, adapter_for_model, can_fold, decoder_layers, supported_architectures
 from dgqtool.models.load import load_model
 from dgqtool.models.moe import ExpertLinears
-from dgqtool.pipeline import apply_smoothing, input_key
+from dgqtool.stages.graph import input_key
+from dgqtool.stages.smooth import apply_smoothing
 
 runner = CliRunner()
 SMALL = ["--nsamples", "4", "--seqlen", "64", "--group", "32"]
