@@ -175,13 +175,15 @@ def test_readme_commands_and_options_exist():
     lines = readme_dgq_lines()
     assert len(lines) > 10
     for line in lines:
-        words = line.split()[1:]
-        sub = next((w for w in words if not w.startswith("-")), None)
-        if sub is None or sub.isupper():  # `dgq --version`, `dgq --json COMMAND ...`
-            allowed = global_opts
-        else:
-            assert sub in root.commands, f"README: `dgq {sub}` is not a command ({line})"
-            allowed = global_opts | options(root.commands[sub])
+        allowed, command = set(global_opts), root
+        for word in line.split()[1:]:  # descend `dgq [GLOBAL] COMMAND [SUBCOMMAND]`
+            if word.startswith("-") or not hasattr(command, "commands"):
+                continue
+            if word.isupper() or not re.fullmatch(r"[a-z][a-z-]*", word):  # COMMAND, MODEL, ...
+                break
+            assert word in command.commands, f"README: `{word}` is not a dgq command ({line})"
+            command = command.commands[word]
+            allowed |= options(command)
         used = re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", line)
         unknown = [opt for opt in used if opt not in allowed]
         assert not unknown, f"README: {unknown} not accepted by `{line.strip()}`"
