@@ -159,7 +159,8 @@ def readme_dgq_lines() -> list[str]:
     text = README.read_text()
     lines = [line for block in fenced_blocks(text) for line in block.splitlines() if line.startswith("dgq ")]
     lines += [span for span in re.findall(r"`([^`\n]+)`", text) if span.startswith("dgq ")]
-    return [re.sub(r'"[^"]*"', "", line.split(" #")[0]) for line in lines]
+    lines = [re.sub(r'"[^"]*"', "", line.split(" #")[0]) for line in lines]
+    return [part if part.startswith("dgq ") else "dgq " + part for line in lines for part in line.split(" | dgq ")]
 
 
 def test_readme_commands_and_options_exist():
