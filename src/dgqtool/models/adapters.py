@@ -308,13 +308,15 @@ def describe(adapter: Adapter) -> str:
     return "; ".join(pairs)
 
 
-def supported_architectures() -> str:
-    """The README's list of supported architectures, rendered from the table (Markdown); also
-    docs/architectures.md, which a test keeps equal to it:
+def supported_architectures(short: bool = False) -> str:
+    """The supported architectures rendered from the table (Markdown): with `short`, the README's
+    list; in full, docs/architectures.md's. Tests keep both files equal to it:
     python -c 'from dgqtool.models.adapters import supported_architectures as s; print(s())'"""
     by_entry: dict[int, tuple[Adapter, list[str]]] = {}
     for model_type, adapter in ADAPTERS.items():
         by_entry.setdefault(id(adapter), (adapter, []))[1].append(f"`{model_type}`")
+    if short:
+        return "\n".join(f"- {adapter.family} ({', '.join(types)})" for adapter, types in by_entry.values())
     lines = []
     for adapter, types in by_entry.values():
         kept = ", ".join(f"`{name}`" for name in adapter.ignore)
