@@ -17,7 +17,7 @@ class Reporter:
         self.bars = self.console.is_terminal if bars is None else bars
 
     def info(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(message, highlight=False, soft_wrap=True)  # a log line stays one line
 
     def table(self, table: Table) -> None:
         self.console.print(table)
