@@ -110,3 +110,32 @@ def test_rotation_lowers_the_searched_error_on_outlier_channels():
     assert errors["rotated", False] < 0.9 * errors["plain", False], errors
     assert errors["rotated", True] < 0.2 * errors["plain", True], errors
     assert errors["plain", True] > 0.7 * errors["plain", False], errors  # the int8 floor binds GPTQ
+
+
+def test_rotated_checkpoint_verifies_and_round_trips(tiny_llama, tiny_opt, corpus_file, tmp_path):
+    """`--rotate hadamard` end to end on the tied tiny LLaMA: quantize + verify (integer = float
+    path, logits against the unrotated original), the packed codes load back bit-exact, and the
+    checkpoint says it is rotated with nothing to apply at run time."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from dgqtool.checkpoint import load_checkpoint
+    from dgqtool.cli import app
+    from dgqtool.stages.search import weight_from_tensors
+
+    out = tmp_path / "rotated"
+    common = ["--calib-data", str(corpus_file), "--nsamples", "4", "--seqlen", "64", "--group", "32", "--grid1", "4", "--grid2", "4", "--rotate", "hadamard"]
+    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "-o", str(out), *common, "--gptq"])
+    assert result.exit_code == 0, result.output
+    assert "logits vs original" in result.output and "fail" not in result.output.lower()
+    model, _, q = load_checkpoint(out)
+    assert q["rotation"] == {"kind": "hadamard", "seed": 0, "online": "none"}
+    assert model.config.tie_word_embeddings is False
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert bool((model.model.norm.weight == 1).all())  # folded into lm_head
+    searched = load_file(str(out.with_name("rotated.work") / "search" / "layer_001.safetensors"))
+    for name in ("self_attn.v_proj", "mlp.down_proj"):
+        expected, got = weight_from_tensors(name, searched), model.model.layers[1].get_submodule(name).quantized_weight()
+        assert torch.equal(got.codes, expected.codes) and torch.equal(got.s2, expected.s2)
+    refused = CliRunner().invoke(app, ["quantize", str(tiny_opt), "-o", str(tmp_path / "opt"), *common])
+    assert refused.exit_code == 2 and "error: rotation needs an RMSNorm model family; opt" in refused.output
