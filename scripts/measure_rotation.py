@@ -71,6 +71,7 @@ ROWS: dict[str, Row] = {
     "hadamard": row("hadamard"),
     "hadamard-nosmooth": row("hadamard", smooth="none"),
     "hadamard-gptq": row("hadamard", gptq=True),
+    "hadamard-gptq-32": row("hadamard", gptq=True, nsamples=32),  # 4x the CPU calibration tokens
     "hadamard-nosmooth-gptq": row("hadamard", smooth="none", gptq=True),
     "hadamard-capped-gptq": row("hadamard", max_column_growth=1.0, gptq=True),
     "hadamard-novo-gptq": row("hadamard", value_heads=False, gptq=True),
