@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from dgqtool.calib.capture import run_layers
-from dgqtool.calib.data import calibration_tokens
-from dgqtool.eval.data import ppl_windows
+from dgqtool.calib.windows import calibration_tokens
+from dgqtool.eval.windows import ppl_windows
 from dgqtool.eval.ppl import perplexity
-from dgqtool.models.adapters import Adapter, InputGroup, adapter_for, decoder_layers
+from dgqtool.models.adapters import Adapter, InputGroup, adapter_for_model, decoder_layers
 from dgqtool.models.load import load_model
 from dgqtool.models.rotation import rotate_model
 from dgqtool.progress import Silent
@@ -123,7 +123,7 @@ def quantize_row(spec: str, base: Recipe, spec_row: Row, work: Path, seed: int, 
     with contextlib.ExitStack() as patches:
         for stage in (calibrate_stage, smooth_stage):
             patches.enter_context(mock.patch.object(stage, "rotate_model", rotate))
-            patches.enter_context(mock.patch.object(stage, "adapter_for", lambda t: wrap(adapter_for(t))))
+            patches.enter_context(mock.patch.object(stage, "adapter_for_model", lambda m: wrap(adapter_for_model(m))))
         calibrate_stage.calibrate(ctx, spec)
         smooth_stage.smooth(ctx)
         manifest = search(ctx)
@@ -161,7 +161,7 @@ class _Probe:
 def probe_row(spec: str, base: Recipe, spec_row: Row, layers: set[int], seed: int) -> list[dict]:
     recipe, _ = base.with_overrides(**dict(spec_row.recipe)).resolved("cpu")
     model, tokenizer, _ = load_model(spec, recipe.dtype)
-    adapter = adapter_for(model.config.model_type)
+    adapter = adapter_for_model(model)
     prepare(model, adapter, spec_row, seed)
     adapter = _online_adapter(adapter) if spec_row.online_down else adapter
     tokens = calibration_tokens(tokenizer, recipe.calib_data, recipe.nsamples, recipe.seqlen, recipe.seed, recipe.data_dir)
@@ -205,7 +205,7 @@ def main() -> None:
         spec_row, start, errors = ROWS[name], time.time(), []
         if not spec_row.quantized:
             model, tokenizer, _ = load_model(args.model, "float32")
-            prepare(model, adapter_for(model.config.model_type), spec_row, args.seed)
+            prepare(model, adapter_for_model(model), spec_row, args.seed)
         else:
             key = f"{spec_row.rotate}-vo{int(spec_row.value_heads)}-online{int(spec_row.online_down)}-seed{args.seed}"
             model, tokenizer, errors = quantize_row(args.model, load_config(args.config), spec_row, args.work / key, args.seed, args.force)
