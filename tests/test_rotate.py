@@ -121,7 +121,7 @@ def test_rotated_checkpoint_verifies_and_round_trips(tiny_llama, tiny_opt, corpu
 
     from dgqtool.checkpoint import load_checkpoint
     from dgqtool.cli import app
-    from dgqtool.stages.search import weight_from_tensors
+    from dgqtool.format import linear_weight
 
     out = tmp_path / "rotated"
     common = ["--calib-data", str(corpus_file), "--nsamples", "4", "--seqlen", "64", "--group", "32", "--grid1", "4", "--grid2", "4", "--rotate", "hadamard"]
@@ -135,7 +135,7 @@ def test_rotated_checkpoint_verifies_and_round_trips(tiny_llama, tiny_opt, corpu
     assert bool((model.model.norm.weight == 1).all())  # folded into lm_head
     searched = load_file(str(out.with_name("rotated.work") / "search" / "layer_001.safetensors"))
     for name in ("self_attn.v_proj", "mlp.down_proj"):
-        expected, got = weight_from_tensors(name, searched), model.model.layers[1].get_submodule(name).quantized_weight()
+        expected, got = linear_weight(name, searched), model.model.layers[1].get_submodule(name).quantized_weight()
         assert torch.equal(got.codes, expected.codes) and torch.equal(got.s2, expected.s2)
     refused = CliRunner().invoke(app, ["quantize", str(tiny_opt), "-o", str(tmp_path / "opt"), *common])
     assert refused.exit_code == 2 and "error: rotation needs an RMSNorm model family; opt" in refused.output
