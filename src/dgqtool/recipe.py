@@ -36,7 +36,10 @@ class Recipe:
     data_dir: str | None = _option(None, "Local data directory (else $DGQ_DATA_DIR).", (CALIBRATE,))
     nsamples: int | None = _option(None, "Calibration segments.", (CALIBRATE,), low=1, high=1_000_000)
     seqlen: int | None = _option(None, "Tokens per calibration segment.", (CALIBRATE,), low=1, high=1_000_000)
-    seed: int = _option(0, "Seed of the calibration sampling.", (CALIBRATE,), low=0)
+    seed: int = _option(0, "Seed of the calibration sampling (and of the rotation's signs).", (CALIBRATE,), low=0)
+    rotate: str = _option("none", "Rotate the residual stream by a Hadamard matrix, folded into the float weights "
+                          "before calibration (RMSNorm families; the runtime applies nothing).", (CALIBRATE,),
+                          choices=("none", "hadamard"))
     dtype: str | None = _option(None, "Float dtype the model is loaded in.", (CALIBRATE,), choices=("float32", "float16", "bfloat16"))
     device: str = _option("auto", "auto | cpu | cuda[:N].", LOADS_MODEL)
     batch_size: int = _option(4, "Calibration segments per forward.", LOADS_MODEL, low=1, high=1_000_000)
@@ -137,7 +140,7 @@ def options_for(command: str) -> list[dataclasses.Field]:
 
 
 # Options that change each stage's result (and therefore its fingerprint).
-CALIBRATE_OPTIONS = ("calib_data", "nsamples", "seqlen", "seed", "dtype")
+CALIBRATE_OPTIONS = ("calib_data", "nsamples", "seqlen", "seed", "dtype", "rotate")
 SMOOTH_OPTIONS = ("smooth", "percentile", "alpha", "max_column_growth")
 SEARCH_OPTIONS = ("scheme", "method", "group", "act", "grid1", "grid2", "objective", "refine", "gptq")
 

@@ -61,6 +61,22 @@ class Experts:
 
 
 @dataclass(frozen=True)
+class Residual:
+    """Where the residual stream enters, is read and is written, for rotating it (models/rotation.py).
+
+    Only RMSNorm families: an RMSNorm whose weight is folded into its readers commutes with an
+    orthogonal rotation; LayerNorm's mean subtraction does not.
+    """
+
+    embedding: str  # the token embedding, from the causal-LM root
+    final_norm: str  # the norm before the output head, from the root
+    head: str  # the output head, from the root
+    norms: tuple[str, ...]  # norms inside a layer; their readers are the InputGroups they produce
+    writers: tuple[str, ...]  # linears inside a layer whose outputs are added to the stream
+    value: tuple[str, str]  # (v, o): the per-head space between them can be rotated too
+
+
+@dataclass(frozen=True)
 class Adapter:
     base: str  # module whose forward embeds tokens and runs the layer stack
     layers: str  # the nn.ModuleList of decoder layers, from the causal-LM root
@@ -73,6 +89,7 @@ class Adapter:
     notes: str = ""  # what else is particular to the family and needs nothing from dgq
     num_experts: int = 0  # set by bind()
     fusion: tuple[InputGroup, ...] | None = None  # set by bind(): groups that share one GEMM at runtime
+    residual: Residual | None = None  # None: the family's residual stream cannot be rotated
 
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for group in self.inputs for name in group.linears)
@@ -134,6 +151,14 @@ _LLAMA = Adapter(
     family="LLaMA 1/2/3.x, Mistral, Qwen2 / Qwen2.5",
     notes="Llama-3 rope scaling lives in the rotary tables the capture records; tied or untied "
           "embeddings; Qwen2.5's q/k/v biases: column scaling leaves them, v's bias takes 1 / k",
+    residual=Residual(
+        embedding="model.embed_tokens",
+        final_norm="model.norm",
+        head="lm_head",
+        norms=("input_layernorm", "post_attention_layernorm"),
+        writers=("self_attn.o_proj", "mlp.down_proj"),
+        value=("self_attn.v_proj", "self_attn.o_proj"),
+    ),
 )
 
 _QWEN3 = dataclasses.replace(

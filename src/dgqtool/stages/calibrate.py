@@ -13,6 +13,7 @@ from ..corpora import load_corpus, tokenize
 from ..errors import DGQError
 from ..fingerprints import text_digest
 from ..models.adapters import Adapter, adapter_for_model, can_fold, check_group_size, decoder_layers
+from ..models.rotation import rotate_model
 from ..models.load import canonical_spec, check_context_length, load_model, model_digest
 from ..recipe import CALIBRATE_OPTIONS
 from ..resources import Usage
@@ -59,6 +60,7 @@ def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -
     usage = Usage()
     model, tokenizer, source = load_model(model_spec, r.dtype, r.trust_remote_code, r.allow_pickle)
     adapter = adapter_for_model(model)
+    rotate_model(model, adapter, r.rotate, r.seed)
     tokens = sample_segments(tokenize(tokenizer, text), r.nsamples, r.seqlen, r.seed)
     check_context_length(model, r.seqlen)
     if planned_group is not None:

@@ -12,7 +12,7 @@ from ..models.adapters import decoder_layers, layer_linears
 from ..nn.dgq_linear import FORMATS, format_of
 from ..resources import Usage
 from .graph import Context
-from .smooth import smoothed_model
+from .smooth import rotation_of, smoothed_model
 
 
 def quantized_model(ctx: Context):
@@ -51,6 +51,8 @@ def pack(ctx: Context, output: Path) -> dict:
     dtype = next(model.parameters()).dtype
     qconfig = quantization_config(adapter, fmt, opts["method"], opts["group"], opts["act"], dtype)
     qconfig["source_model_sha256"] = calib["inputs"]["model"]  # lets verify tell a wrong reference model
+    # folded into the stored weights: loading applies nothing (online: none)
+    qconfig["rotation"] = {"kind": rotation_of(calib), "seed": calib["options"]["seed"], "online": "none"}
     manifest = write_checkpoint(model, tokenizer, qconfig, output, force=True)
     write_manifest(ctx.stage_dir("pack"), "pack", _pack_options(output), {"search": search_manifest["fingerprint"]}, {},
                    checkpoint=manifest["files"], resources=usage.snapshot())

@@ -10,6 +10,7 @@ from ..artifacts import read_tensors, write_manifest, write_tensors
 from ..models.adapters import Adapter, adapter_for_model, decoder_layers
 from ..errors import DGQError
 from ..models.load import load_model, model_digest
+from ..models.rotation import rotate_model
 from ..quant.smooth import cap_column_growth, fold_group, percentile_scales, smoothquant_scales
 from ..recipe import SMOOTH_OPTIONS, Recipe
 from ..resources import Usage
@@ -55,8 +56,13 @@ def apply_smoothing(model: nn.Module, adapter: Adapter, scales: dict[str, torch.
                 fold_group(layer, adapter, group, k)
 
 
+def rotation_of(calib: dict) -> str:
+    """The rotation the calibrate stage applied (work directories from before --rotate: none)."""
+    return calib["options"].get("rotate", "none")
+
+
 def smoothed_model(ctx: Context):
-    """The float model of the calibrate stage with the smooth stage's vectors folded in.
+    """The float model of the calibrate stage (rotated as it was) with the smooth stage's vectors folded in.
     Returns (model, tokenizer, adapter, scales, calibrate manifest)."""
     calib, smooth_manifest = ctx.manifest("calibrate"), ctx.manifest("smooth")
     if model_digest(calib["options"]["model"]) != calib["inputs"]["model"]:
@@ -64,6 +70,7 @@ def smoothed_model(ctx: Context):
     model, tokenizer, _ = load_model(calib["options"]["model"], calib["options"]["dtype"],
                                      ctx.recipe.trust_remote_code, ctx.recipe.allow_pickle)
     adapter = adapter_for_model(model)
+    rotate_model(model, adapter, rotation_of(calib), calib["options"]["seed"])
     scales = read_tensors(ctx.stage_dir("smooth") / "scales.safetensors", smooth_manifest["outputs"]["scales.safetensors"])
     apply_smoothing(model, adapter, scales)
     return model, tokenizer, adapter, scales, calib

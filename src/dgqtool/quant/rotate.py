@@ -1,0 +1,150 @@
+"""Orthogonal rotations of a linear's input space (QuaRot-style), and how they fold into weights.
+
+A rotation Q (n x n, Q Q^T = I) turns an activation x into x Q. A linear reading it keeps its
+output when its weight (o, n) becomes W Q; one writing it (W: (n, i), bias (n,)) produces the
+rotated output when W becomes Q^T W and the bias b Q. Spreading a few outlier channels over all
+n channels is what a shared per-row scale (DGQ's s1) and int8 per-token activations need.
+
+Hadamard matrices (entries +-1, H H^T = n I) spread best: every output channel is the same-weight
+mix of every input. Orders that are not a power of two come from the Kronecker product of a
+Paley matrix (order q + 1 for a prime q = 3 mod 4, 2 (q + 1) for a prime q = 1 mod 4) with a
+Sylvester power of two, which covers the usual widths (576 = 36 * 16, 896 = 28 * 32,
+960 = 60 * 16, 1536 = 12 * 128); where no such order exists the matrix is block-diagonal in the
+largest constructible order dividing n. Random signs (H diag(s), QuaRot's randomized Hadamard)
+make the rotation depend on a seed.
+
+Pure tensor functions: matrices are built and applied in float64, so a fold is exact to fp32.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+KINDS = ("none", "hadamard", "random")
+
+
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, int(q**0.5) + 1))
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q[i, j] = chi(i - j) with chi the quadratic character mod the prime q."""
+    squares = {(x * x) % q for x in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if a in squares else -1.0 for a in range(1, q)], dtype=torch.float64)
+    idx = torch.arange(q)
+    return chi[(idx.unsqueeze(1) - idx.unsqueeze(0)) % q]
+
+
+def _paley(order: int) -> torch.Tensor | None:
+    """A Hadamard matrix of `order` from Paley's constructions I and II (prime q only), else None."""
+    q = order - 1
+    if q % 4 == 3 and _is_prime(q):  # Paley I: I + S with S the bordered skew Jacobsthal matrix
+        s = torch.zeros(order, order, dtype=torch.float64)
+        s[0, 1:], s[1:, 0] = 1.0, -1.0
+        s[1:, 1:] = _jacobsthal(q)
+        return s + torch.eye(order, dtype=torch.float64)
+    q = order // 2 - 1
+    if order % 2 == 0 and q % 4 == 1 and _is_prime(q):  # Paley II: C's zeros -> [[1,-1],[-1,-1]], +-1 -> +-[[1,1],[1,-1]]
+        c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+        c[0, 1:], c[1:, 0] = 1.0, 1.0
+        c[1:, 1:] = _jacobsthal(q)
+        zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        other = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        return torch.kron(c, other) + torch.kron(torch.eye(q + 1, dtype=torch.float64), zero)
+    return None
+
+
+@lru_cache(maxsize=None)
+def _hadamard_or_none(n: int) -> torch.Tensor | None:
+    for power in (1 << k for k in range(n.bit_length() - 1, -1, -1)):
+        if n % power:
+            continue
+        base = torch.ones(1, 1, dtype=torch.float64) if n == power else _paley(n // power)
+        if base is not None:
+            return torch.kron(base, _sylvester(power))
+    return None
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """A Hadamard matrix of order n (+-1 entries, H H^T = n I), float64; ValueError if none is built."""
+    h = _hadamard_or_none(n)
+    if h is None:
+        raise ValueError(f"no Hadamard matrix of order {n} is constructed (2^k times a Paley order)")
+    return h.clone()
+
+
+def block_order(n: int) -> int:
+    """The largest order dividing n that has a Hadamard matrix here (n itself when possible)."""
+    return next(b for b in range(n, 0, -1) if n % b == 0 and _hadamard_or_none(b) is not None)
+
+
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """Orthogonal diag(s) H / sqrt(b) with random signs s; H block-diagonal in block_order(n)."""
+    b = block_order(n)
+    h = torch.block_diag(*[_hadamard_or_none(b)] * (n // b)) / b**0.5
+    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
+    return signs.unsqueeze(1) * h
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """A Haar-random orthogonal matrix (QR of a Gaussian, signs fixed by R's diagonal), float64."""
+    g = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def rotation_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
+    """The (n, n) float64 orthogonal matrix of a rotation kind ('hadamard' or 'random')."""
+    if kind == "hadamard":
+        return random_hadamard(n, seed)
+    if kind == "random":
+        return random_orthogonal(n, seed)
+    raise ValueError(f"unknown rotation kind '{kind}'; known: {', '.join(KINDS)}")
+
+
+@torch.no_grad()
+def scale_inputs(weight: torch.Tensor, scale: torch.Tensor) -> None:
+    """W (o, n) <- W diag(scale): absorb a norm's elementwise weight into the linear it feeds."""
+    weight.copy_((weight.double() * scale.double().unsqueeze(0)).to(weight.dtype))
+
+
+@torch.no_grad()
+def rotate_inputs(weight: torch.Tensor, q: torch.Tensor) -> None:
+    """W (o, n) <- W Q: the linear reads x Q and still computes x W^T (also rotates embedding rows)."""
+    weight.copy_((weight.double() @ q.double()).to(weight.dtype))
+
+
+@torch.no_grad()
+def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor) -> None:
+    """W (n, i) <- Q^T W and b <- b Q: the linear writes its output already rotated."""
+    weight.copy_((q.double().T @ weight.double()).to(weight.dtype))
+    if bias is not None:
+        bias.copy_((bias.double() @ q.double()).to(bias.dtype))
+
+
+@torch.no_grad()
+def rotate_head_outputs(weight: torch.Tensor, bias: torch.Tensor | None, r: torch.Tensor) -> None:
+    """rotate_outputs with the (d, d) matrix r applied to each d-row head block of W (heads * d, i)."""
+    d = r.shape[0]
+    heads = weight.shape[0] // d
+    w = weight.double().reshape(heads, d, -1)
+    weight.copy_((r.double().T @ w).reshape(weight.shape).to(weight.dtype))
+    if bias is not None:
+        bias.copy_((bias.double().reshape(heads, d) @ r.double()).reshape(-1).to(bias.dtype))
+
+
+@torch.no_grad()
+def rotate_head_inputs(weight: torch.Tensor, r: torch.Tensor) -> None:
+    """rotate_inputs with r applied to each d-column head block of W (o, heads * d)."""
+    d = r.shape[0]
+    w = weight.double().reshape(weight.shape[0], -1, d)
+    weight.copy_((w @ r.double()).reshape(weight.shape).to(weight.dtype))
