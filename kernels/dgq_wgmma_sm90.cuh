@@ -153,16 +153,7 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 
-// Group of a 32-code word with one multiply-high (see dgq_w4a8.cu's WordGroup).
-struct WordGroup {
-  uint32_t magic;
-  bool one;
-  __device__ __forceinline__ explicit WordGroup(int group)
-      : magic(0xFFFFFFFFu / static_cast<uint32_t>(group / 32) + 1u), one(group == 32) {}
-  __device__ __forceinline__ int operator()(int word) const {
-    return one ? word : static_cast<int>(__umulhi(static_cast<uint32_t>(word), magic));
-  }
-};
+#include "dgq_word_group.cuh"  // WordGroup
 
 template <int MT, int BN, int STAGES>
 struct Layout {

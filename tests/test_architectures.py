@@ -18,8 +18,8 @@ from dgqtool.errors import DGQError
 from dgqtool.models.adapters import ADAPTERS, adapter_for, adapter_for_model, can_fold, decoder_layers, supported_architectures
 from dgqtool.models.load import load_model
 from dgqtool.models.moe import ExpertLinears
-from dgqtool.stages.graph import input_key
 from dgqtool.stages.smooth import apply_smoothing
+from smoothing_scales import random_smoothing_scales
 
 runner = CliRunner()
 SMALL = ["--nsamples", "4", "--seqlen", "64", "--group", "32"]
@@ -168,13 +168,7 @@ def test_smoothing_is_exact_in_fp32(arch):
     tokens = _tokens(model)
     with torch.no_grad():
         before = model(input_ids=tokens).logits
-    gen = torch.Generator().manual_seed(1)
-    scales = {}
-    for i, layer in enumerate(decoder_layers(model, adapter)):
-        for group in adapter.inputs:
-            if can_fold(layer, group):
-                width = layer.get_submodule(group.linears[0]).in_features
-                scales[f"{input_key(i, group)}.smooth"] = 1 + 9 * torch.rand(width, generator=gen)
+    scales = random_smoothing_scales(model, adapter)
     assert len(scales) == 2 * ARCHS[name][2]  # the pairs the table says fold, in both layers
     apply_smoothing(model, adapter, scales)
     with torch.no_grad():

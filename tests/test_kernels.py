@@ -159,6 +159,18 @@ def test_tensor_core_kernel_is_bit_exact(out_dtype, n, k, group):
             assert torch.equal(out, ref), (m, config)
 
 
+def _extreme_operands(n: int, k: int, group: int, m: int):
+    """Codes 0 or 15 with zp 7 and S2 15 (weights -105 or 120) and 16 scattered +-1 activations per
+    token: every int32 sum stays below 2048 in magnitude, so fp16 output holds it exactly."""
+    codes = torch.randint(0, 2, (n, k), dtype=torch.uint8) * 15
+    zero = torch.full((n, k // group), 7, dtype=torch.uint8)
+    s2 = torch.full((n, k // group), 15, dtype=torch.int8)
+    x_q = torch.zeros(m, k, dtype=torch.int8)
+    for row in x_q:
+        row[torch.randperm(k)[:16]] = torch.randint(0, 2, (16,), dtype=torch.int8) * 2 - 1
+    return codes, zero, s2, DualGrainedWeight(codes, zero, s2, torch.ones(n)), x_q
+
+
 @gpu
 def test_tensor_core_integer_sums_are_exact():
     """Extreme weights (S2 (code - zp) in {-105, 120}) against 16 scattered +-1 activations per token
@@ -167,13 +179,7 @@ def test_tensor_core_integer_sums_are_exact():
 
     lib = _library()
     n, k, group, m = 48, 4096, 128, 5
-    codes = torch.randint(0, 2, (n, k), dtype=torch.uint8) * 15
-    zero = torch.full((n, k // group), 7, dtype=torch.uint8)
-    s2 = torch.full((n, k // group), 15, dtype=torch.int8)
-    w = DualGrainedWeight(codes, zero, s2, torch.ones(n))
-    x_q = torch.zeros(m, k, dtype=torch.int8)
-    for row in x_q:
-        row[torch.randperm(k)[:16]] = torch.randint(0, 2, (16,), dtype=torch.int8) * 2 - 1
+    codes, zero, s2, w, x_q = _extreme_operands(n, k, group, m)
     one = torch.ones(n, dtype=torch.float16, device="cuda")
     out = runtime.mma(lib, x_q.cuda(), torch.ones(m, 1, device="cuda"), pack_nibbles(codes).cuda(), s2.cuda(),
                       zero.cuda(), one, group, torch.float16)
@@ -292,13 +298,7 @@ def test_wgmma_integer_sums_are_exact():
 
     lib = _wgmma_library()
     n, k, group, m = 136, 4096, 128, 37
-    codes = torch.randint(0, 2, (n, k), dtype=torch.uint8) * 15
-    zero = torch.full((n, k // group), 7, dtype=torch.uint8)
-    s2 = torch.full((n, k // group), 15, dtype=torch.int8)
-    w = DualGrainedWeight(codes, zero, s2, torch.ones(n))
-    x_q = torch.zeros(m, k, dtype=torch.int8)
-    for row in x_q:
-        row[torch.randperm(k)[:16]] = torch.randint(0, 2, (16,), dtype=torch.int8) * 2 - 1
+    codes, zero, s2, w, x_q = _extreme_operands(n, k, group, m)
     one = torch.ones(n, dtype=torch.float16, device="cuda")
     acc = x_q.int() @ w.int8_weight().int().T
     for config in _wgmma_configs(lib, m, n, k):

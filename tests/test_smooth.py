@@ -2,10 +2,9 @@
 
 import torch
 
-from dgqtool.models.adapters import can_fold, decoder_layers
-from dgqtool.stages.graph import input_key
 from dgqtool.stages.smooth import apply_smoothing
 from dgqtool.quant.smooth import cap_column_growth, percentile_scales, smoothquant_scales
+from smoothing_scales import random_smoothing_scales
 
 
 def test_percentile_scales_shrink_only_outliers_to_the_threshold():
@@ -38,13 +37,7 @@ def test_smoothing_leaves_the_fp32_output_unchanged(tiny_model):
     tokens = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(input_ids=tokens).logits
-    gen = torch.Generator().manual_seed(1)
-    scales = {}
-    for i, layer in enumerate(decoder_layers(model, adapter)):
-        for group in adapter.inputs:
-            if can_fold(layer, group):
-                width = layer.get_submodule(group.linears[0]).in_features
-                scales[f"{input_key(i, group)}.smooth"] = 1 + 9 * torch.rand(width, generator=gen)
+    scales = random_smoothing_scales(model, adapter)
     assert len(scales) >= 6  # norms and the linear -> linear pairs all fold
     apply_smoothing(model, adapter, scales)
     with torch.no_grad():
