@@ -41,7 +41,7 @@ class Variant:
         return f"{self.schedule[:2]}_{m}x{n}x{k}_c{self.cluster[0]}x{self.cluster[1]}"
 
 
-# Chosen from measurements on H100 (../shared/bench/BASELINES.md): cooperative 128x256 with a
+# Chosen from measurements on H100 (docs/kernels.md, Why these three CUTLASS variants): cooperative 128x256 with a
 # 2x1 cluster wins at large M, 256x128 on the down projection, ping-pong 128x128 at medium M.
 VARIANTS = (
     Variant((128, 256, 128), (2, 1, 1), "cooperative"),

@@ -1,4 +1,4 @@
-"""Perplexity under the GPTQ protocol (SPEC §6): the test text tokenized once, cut into
+"""Perplexity under the GPTQ protocol (docs/method.md, Evaluation protocol): the test text tokenized once, cut into
 non-overlapping windows of seqlen tokens (the remainder dropped), ppl = exp(mean window NLL)."""
 
 from __future__ import annotations

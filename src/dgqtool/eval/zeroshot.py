@@ -1,7 +1,7 @@
 """Zero-shot accuracy through lm-evaluation-harness, on an in-memory model (float or W4A8).
 
 The task definitions (prompt, choices, metrics) are lm-eval's own YAML files. With a local data
-directory (layout of ../shared/assets/data) each task's dataset is pointed at a JSON-lines copy of
+directory (layout in docs/results.md, Zero-shot accuracy) each task's dataset is pointed at a JSON-lines copy of
 the local files, rewritten into the columns of the hub version the YAML expects; no network is
 touched. Without one, lm-eval loads the hub datasets as usual.
 """

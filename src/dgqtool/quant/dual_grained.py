@@ -25,7 +25,7 @@ def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
 def code_interval(zero: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 5 with truncation toward zero: the codes whose int8 product S2 * (code - zp) fits in +-127.
 
-    The paper's floor(-127 / S2) is one step too low when 127 / S2 is not an integer (SPEC §2).
+    The paper's floor(-127 / S2) is one step too low when 127 / S2 is not an integer (docs/method.md, Range fusion).
     """
     reach = torch.div(INT8_MAX, s2.to(torch.int32), rounding_mode="floor").to(zero.dtype)
     lo = torch.clamp(zero - reach, min=0)
@@ -80,7 +80,7 @@ QuantizedWeight = DualGrainedWeight | GroupWeight
 
 
 def split_scales(group_scale: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
-    """S2 = max(1, round(S' / s1)), capped at 127 so it stays an int8 (SPEC §3, §8)."""
+    """S2 = max(1, round(S' / s1)), capped at 127 so it stays an int8 (docs/method.md, Two-phase grid search)."""
     return torch.clamp(torch.round(group_scale / s1.unsqueeze(-1)), 1, INT8_MAX)
 
 
