@@ -66,6 +66,7 @@ ROWS: dict[str, Row] = {
     "fp": Row(quantized=False),
     "fp-hadamard": Row("hadamard", quantized=False),  # the fold is exact: the same ppl as fp
     "paper": row(),
+    "paper-32": row(nsamples=32),
     "gptq": row(gptq=True),
     "capped": row(max_column_growth=1.0),
     "hadamard": row("hadamard"),
