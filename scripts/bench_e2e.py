@@ -165,8 +165,10 @@ def quantize_in_place(model, group: int = 128) -> None:
     torch.cuda.empty_cache()
 
 
-def timed(fn, repeats: int = 3) -> float:
-    fn()
+def timed(fn, repeats: int = 3, warmups: int = 1) -> float:
+    """Median milliseconds of `fn` over `repeats` runs timed with CUDA events, after `warmups`."""
+    for _ in range(warmups):
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):

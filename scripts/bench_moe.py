@@ -6,12 +6,12 @@ the shared-input gate/up group: one call per linear vs stacked rows. Writes $OUT
 
 import json
 import os
-import statistics
 import time
 
 import torch
 from torch import nn
 
+from bench_e2e import timed  # scripts/ is on sys.path when a script runs
 from dgqtool.models.moe import ExpertLinears, ExpertMLP
 from dgqtool.nn.dgq_linear import DGQLinear
 from dgqtool.nn.fused import ProjectionSlice, SharedInputLinear, fuse
@@ -22,21 +22,6 @@ E, K, H, I = 128, 8, 2048, 768
 dev, dt = "cuda", torch.bfloat16
 torch.manual_seed(0)
 results = {"shape": dict(experts=E, top_k=K, hidden=H, intermediate=I), "moe": [], "search": {}}
-
-
-def timed(fn, reps=20, warm=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 act = nn.SiLU()
@@ -87,12 +72,12 @@ with torch.no_grad():
         row = {"tokens": T}
         ref = float_block(x, idx, w).float()
         for name, block in (("bf16 loop", float_block), ("dgq loop", dgq_block), ("dgq loop, gate+up fused", fused_block)):
-            row[name] = timed(lambda: block(x, idx, w))
+            row[name] = timed(lambda: block(x, idx, w), repeats=20, warmups=3)
         row["dgq rel err vs bf16"] = float((dgq_block(x, idx, w).float() - ref).norm() / ref.norm())
         row["fused == unfused"] = bool(torch.equal(fused_block(x, idx, w), dgq_block(x, idx, w)))
         for impl, m in hf.items():
             try:
-                row[f"transformers {impl} (bf16)"] = timed(lambda: m(x, idx, w))
+                row[f"transformers {impl} (bf16)"] = timed(lambda: m(x, idx, w), repeats=20, warmups=3)
                 if impl == "eager":
                     row["ExpertLinears == transformers eager"] = float((m(x, idx, w).float() - ref).abs().max())
             except Exception as exc:  # noqa: BLE001
