@@ -48,8 +48,8 @@ def preflight(model_spec: str, output: Path, work: Path, force: bool, export: st
 
 
 def quantize(ctx: Context, model_spec: str, output: Path, run_verify: bool = True, export: str | None = None) -> dict:
-    """All stages in order. Returns a run summary."""
-    preflight(model_spec, output, ctx.work, ctx.force, export)
+    """All stages in order (the caller ran preflight() before creating the work directory).
+    Returns a run summary."""
     manifests = {"calibrate": calibrate(ctx, model_spec, planned_group=ctx.recipe.group), "smooth": smooth(ctx),
                  "search": search(ctx)}
     if pack_is_current(ctx, output):
