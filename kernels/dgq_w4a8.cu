@@ -238,52 +238,121 @@ __global__ void permute_s8_kernel(const int8_t* __restrict__ x, int8_t* __restri
 
 // Per-token (static_scale == nullptr) or static per-tensor symmetric int8, bit-identical to
 // dgqtool.quant.quantizer: scale = max(amax * (1/127), 1e-8), q = clamp(rint(x / scale), -127, 127).
-// VEC elements per 16-byte load; the row is read twice (the second time from L1/L2). PERM: the
-// output in the wgmma kernel's order, rows of k_pad bytes.
-template <typename In, bool PERM = false>
-__global__ void quantize_rows_kernel(const In* __restrict__ x, int8_t* __restrict__ q, float* __restrict__ scale,
-                                     const float* __restrict__ static_scale, int k, int k_pad = 0) {
+// Multiplying by r = rcp_rn(scale) instead of dividing: |x * r - x / scale| and |fl(x / scale) -
+// x / scale| are both below 2.3e-5 for |x / scale| <= 128 (relative errors 2^-23 and 2^-24), so
+// where x * r is more than 1e-3 away from a half-integer both round to the same integer; nearer
+// one (ties included: round half to even), the correctly rounded division decides.
+__device__ __forceinline__ int8_t quantize_one(float v, float s, float r) {
+  const float y = v * r;
+  float q = rintf(y);
+  if (fabsf(y - q) > 0.499f) q = rintf(__fdiv_rn(v, s));
+  return static_cast<int8_t>(fminf(fmaxf(q, -127.f), 127.f));
+}
+
+// Each row is reduced by the kTeam threads that read it (kTeam / 32 warps, one or more rows per
+// block); every thread of the block calls it. Returns the row's scale.
+template <int kTeam>
+__device__ __forceinline__ float row_scale(float amax, float* warp_max) {
+  for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = amax;
+  __syncthreads();
+  const int first = threadIdx.x / kTeam * (kTeam / 32);
+  amax = 0.f;
+#pragma unroll
+  for (int w = 0; w < kTeam / 32; ++w) amax = fmaxf(amax, warp_max[first + w]);
+  return fmaxf(amax * (1.0f / 127.f), 1e-8f);
+}
+
+// kTeam threads per row, blockDim.x / kTeam rows per block, VEC elements per 16-byte load. R > 0:
+// each thread holds its R loads of the row in registers, so the row is read from memory once and
+// all its loads are in flight together. R = 0 (rows too long for the registers, or float input in
+// the permuted order): the row is read twice, the second time mostly from L2. PERM: the output in
+// the wgmma kernel's order, rows of k_pad bytes; with R > 0 it needs 16-bit input, whose one load
+// is exactly one 8-feature unit of it.
+template <typename In, bool PERM, int R, int kTeam>
+__global__ void __launch_bounds__(1024) quantize_rows_kernel(const In* __restrict__ x, int8_t* __restrict__ q,
+                                                             float* __restrict__ scale,
+                                                             const float* __restrict__ static_scale, int m, int k,
+                                                             int k_pad) {
   constexpr int VEC = 16 / sizeof(In);
+  static_assert(R == 0 || !PERM || VEC == 8, "the register path permutes whole 8-feature loads");
+  static_assert(kTeam % 32 == 0, "a row is read by whole warps");
   allow_dependents();
-  const In* row = x + static_cast<int64_t>(blockIdx.x) * k;
-  int8_t* qrow = q + static_cast<int64_t>(blockIdx.x) * (PERM ? k_pad : k);
-  const int vectors = k / VEC;
   __shared__ float warp_max[32];
+  const int r_index = blockIdx.x * (blockDim.x / kTeam) + threadIdx.x / kTeam, lane = threadIdx.x % kTeam;
+  const bool live = r_index < m;  // the last block's spare teams still join the barrier
+  const int64_t row_id = live ? r_index : m - 1;
+  const uint4* row = reinterpret_cast<const uint4*>(x + row_id * k);
+  int8_t* const qrow = q + row_id * (PERM ? k_pad : k);
+  auto store = [&](int v, const int8_t* out) {  // the VEC codes of load v, natural order
+    if constexpr (VEC == 8) {
+      reinterpret_cast<uint2*>(qrow)[v] = *reinterpret_cast<const uint2*>(out);
+    } else {
+      reinterpret_cast<uint32_t*>(qrow)[v] = *reinterpret_cast<const uint32_t*>(out);
+    }
+  };
+  const int vectors = k / VEC;
+  uint4 held[R > 0 ? R : 1];
+  if constexpr (R > 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int v = lane + r * kTeam;
+      held[r] = v < vectors ? row[v] : make_uint4(0, 0, 0, 0);
+    }
+  }
   float s;
   if (static_scale == nullptr) {
     float amax = 0.f;
-    for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
-      const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
-      const In* e = reinterpret_cast<const In*>(&raw);
+    if constexpr (R > 0) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
+      for (int r = 0; r < R; ++r) {
+        const In* e = reinterpret_cast<const In*>(&held[r]);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
+      }
+    } else {
+      for (int v = lane; v < vectors; v += kTeam) {
+        const uint4 raw = row[v];
+        const In* e = reinterpret_cast<const In*>(&raw);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
+      }
     }
-    for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = amax;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-      amax = threadIdx.x < blockDim.x / 32 ? warp_max[threadIdx.x] : 0.f;
-      for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-      if (threadIdx.x == 0) warp_max[0] = fmaxf(amax * (1.0f / 127.f), 1e-8f);
-    }
-    __syncthreads();
-    s = warp_max[0];
+    s = row_scale<kTeam>(amax, warp_max);
   } else {
     s = static_scale[0];
   }
-  if (threadIdx.x == 0) scale[blockIdx.x] = s;
-  if constexpr (PERM) {
-    for (int u = threadIdx.x; u < k_pad / 8; u += blockDim.x) {
+  if (!live) return;
+  const float rs = __frcp_rn(s);
+  if (lane == 0) scale[row_id] = s;
+  if constexpr (R > 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int v = lane + r * kTeam;
+      if (v >= vectors) continue;
+      const In* e = reinterpret_cast<const In*>(&held[r]);
+      int8_t out[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = quantize_one(to_float(e[j]), s, rs);
+      if constexpr (PERM) {
+        store_permuted(qrow, 8 * v, *reinterpret_cast<const uint32_t*>(out), *reinterpret_cast<const uint32_t*>(out + 4));
+      } else {
+        store(v, out);
+      }
+    }
+    if constexpr (PERM)  // the zero padding up to k_pad
+      for (int u = vectors + lane; u < k_pad / 8; u += kTeam) store_permuted(qrow, 8 * u, 0, 0);
+  } else if constexpr (PERM) {
+    for (int u = lane; u < k_pad / 8; u += kTeam) {
       uint32_t word[2] = {0, 0};
       if (8 * u < k) {
         int8_t out[8];
 #pragma unroll
         for (int h = 0; h < 8 / VEC; ++h) {
-          const uint4 raw = reinterpret_cast<const uint4*>(row)[u * (8 / VEC) + h];
+          const uint4 raw = row[u * (8 / VEC) + h];
           const In* e = reinterpret_cast<const In*>(&raw);
 #pragma unroll
-          for (int j = 0; j < VEC; ++j)
-            out[h * VEC + j] = static_cast<int8_t>(fminf(fmaxf(rintf(__fdiv_rn(to_float(e[j]), s)), -127.f), 127.f));
+          for (int j = 0; j < VEC; ++j) out[h * VEC + j] = quantize_one(to_float(e[j]), s, rs);
         }
         word[0] = *reinterpret_cast<const uint32_t*>(out);
         word[1] = *reinterpret_cast<const uint32_t*>(out + 4);
@@ -291,17 +360,13 @@ __global__ void quantize_rows_kernel(const In* __restrict__ x, int8_t* __restric
       store_permuted(qrow, 8 * u, word[0], word[1]);
     }
   } else {
-    for (int v = threadIdx.x; v < vectors; v += blockDim.x) {
-      const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
+    for (int v = lane; v < vectors; v += kTeam) {
+      const uint4 raw = row[v];
       const In* e = reinterpret_cast<const In*>(&raw);
       int8_t out[VEC];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) out[j] = static_cast<int8_t>(fminf(fmaxf(rintf(__fdiv_rn(to_float(e[j]), s)), -127.f), 127.f));
-      if constexpr (VEC == 8) {
-        reinterpret_cast<uint2*>(qrow)[v] = *reinterpret_cast<const uint2*>(out);
-      } else {
-        reinterpret_cast<uint32_t*>(qrow)[v] = *reinterpret_cast<const uint32_t*>(out);
-      }
+      for (int j = 0; j < VEC; ++j) out[j] = quantize_one(to_float(e[j]), s, rs);
+      store(v, out);
     }
   }
 }
@@ -461,13 +526,32 @@ int mma_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, const
 template <typename In, bool PERM = false>
 int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(In);
+  constexpr int kMaxHeld = 8;  // 16-byte loads a thread keeps in registers
   if (k % VEC || (PERM && k % 32)) return 1;
-  // Few rows (decode) leave most SMs idle, so a row's latency is the kernel's: give each thread
-  // about one 16-byte load per pass. Many rows: fewer threads per row, more rows per SM.
-  const int threads = m <= 64 ? min(1024, (k / VEC + 31) / 32 * 32) : (k >= 4096 ? 256 : 128);
-  quantize_rows_kernel<In, PERM><<<m, threads, 0, stream>>>(static_cast<const In*>(x), q, scale, static_scale, k,
-                                                            (k + 127) / 128 * 128);
-  return cudaGetLastError() == cudaSuccess ? 0 : 3;
+  const int vectors = k / VEC, k_pad = (k + 127) / 128 * 128;
+  auto run = [&](auto kernel, int team) {
+    // Up to ~1024 rows a row's latency is the kernel's: a block per row (measured: 64-thread
+    // teams of 4 rows per block doubled M = 128...512). Many rows: 256-thread blocks of several
+    // rows, fewer blocks to schedule (M = 8192: 57 -> 42 us for K = 4096).
+    const int rows_per_block = m <= 1024 ? 1 : 256 / min(team, 256);
+    kernel<<<(m + rows_per_block - 1) / rows_per_block, team * rows_per_block, 0, stream>>>(
+        static_cast<const In*>(x), q, scale, static_scale, m, k, k_pad);
+    return cudaGetLastError() == cudaSuccess ? 0 : 3;
+  };
+  if constexpr (PERM && VEC != 8) {
+    return run(quantize_rows_kernel<In, PERM, 0, 256>, 256);
+  } else {
+    if (m <= 1024) {  // about one load per thread, a block per row: enough blocks, short rows in flight
+      if (vectors <= 256) return run(quantize_rows_kernel<In, PERM, 1, 256>, 256);
+      if (vectors <= 1024) return run(quantize_rows_kernel<In, PERM, 1, 1024>, 1024);
+      if (vectors <= 2048) return run(quantize_rows_kernel<In, PERM, 2, 1024>, 1024);
+    }
+    // 64 threads per row holding up to 8 loads each: K <= 4096 (16-bit) in registers
+    if (vectors <= 64 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 64>, 64);
+    if (vectors <= 256 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 256>, 256);
+    if (vectors <= 1024 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 1024>, 1024);
+    return run(quantize_rows_kernel<In, PERM, 0, 1024>, 1024);
+  }
 }
 
 }  // namespace

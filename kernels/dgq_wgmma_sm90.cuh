@@ -24,9 +24,12 @@
 // the step before), and the two consumer warpgroups interleave.
 // Clusters of CL blocks along the channels share the token tile: each block loads 1/CL of it and
 // multicasts it to the cluster (empty barriers count the consumers of every block of the cluster).
-// Split-K (gridDim.z > 1): each split stores its int32 tile to a workspace slot; the last split of
+// Split-K (splits > 1): each split stores its int32 tile to a workspace slot; the last split of
 // a tile (a per-tile counter, reset by it) adds the others in fixed order and runs the epilogue, so
 // the sums are exact whatever the order the splits finish.
+// Persistent grid (MT = 1): one block per SM takes (tile, split) units in turn; the epilogue has
+// its own shared memory, so the producer fills the next unit's stages while the consumers store
+// this one.
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -36,6 +39,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <utility>
 
 #include "wgmma_ops.cuh"  // emitted by generate.py: WgmmaRS<N>::mma, the register-A wgmma per N
 
@@ -55,6 +59,7 @@ struct Params {
   int* counters;  // split-K: one per tile, zero between launches
   long long* trace;  // profiling only (dgq_wgmma_set_trace): per block, SM id and %globaltimer at 5 points
   int m, n, k, group, steps, steps_per_split;
+  int tiles_x, tiles_y, splits, units;  // units = tiles_x * tiles_y * splits
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -155,20 +160,49 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { retur
 
 #include "dgq_word_group.cuh"  // WordGroup
 
+template <typename F, int... I>
+__device__ __forceinline__ void for_each_index(std::integer_sequence<int, I...>, F&& f) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+
 template <int MT, int BN, int STAGES>
 struct Layout {
   static constexpr int BM = 128 * MT;
   static constexpr int kTokenBytes = BN * kStepK;      // one stage of tokens
   static constexpr int kCodeStage = BM * kCodeBytes;   // one stage of codes
   static constexpr int kStageBytes = kTokenBytes + kCodeStage;
+  static constexpr int kPipeline = STAGES * kStageBytes;
+  static constexpr int kChunk = BN < 64 ? BN : 64;      // tokens per epilogue pass through shared memory
   static constexpr int kStagingRow = BM * 2 + 16;       // epilogue tile row (bytes): padded, no bank conflicts
-  static constexpr int kStaging = BN * kStagingRow + BN * 4;  // the tile, then s_x of its tokens
-  static constexpr int kData = (STAGES * kStageBytes > kStaging ? STAGES * kStageBytes : kStaging);
-  static constexpr int kBytes = 1024 + kData + 2 * STAGES * 8 + 16;  // alignment slack, barriers, flag
+  // Own space, not the pipeline's: the producer loads the next tile's stages during the epilogue.
+  static constexpr int kStaging = kChunk * kStagingRow + BN * 4;  // a chunk of the tile, then s_x of its tokens
+  static constexpr int kBytes = 1024 + kPipeline + kStaging + 2 * STAGES * 8 + 16;  // alignment slack, barriers, flag
   static_assert(kTokenBytes % 1024 == 0, "token stages must keep the 1024-byte swizzle alignment");
   static_assert(kStageBytes % 1024 == 0, "stages must keep the 1024-byte swizzle alignment");
+  static_assert(kStaging % 8 == 0, "the barriers after the staging need 8-byte alignment");
+  static_assert(BN <= 256, "a consumer thread loads the s_x of one token");
 };
 
+// Persistent only with one m64 tile per warpgroup and no cluster: with MT = 2 the unit loop's
+// registers made ptxas serialize the wgmmas, and cluster peers must stay on one token tile.
+template <int MT, int CL>
+constexpr bool kPersistent = MT == 1 && CL == 1;
+
+// A work unit: one (channel block, token block, K split); x fastest, as blocks are dispatched.
+struct Unit {
+  int ch0, tok0, tile, split, first_step, steps;
+};
+
+template <int BM, int BN>
+__device__ __forceinline__ Unit unit_at(const Params& p, int u) {
+  const int x = u % p.tiles_x, y = (u / p.tiles_x) % p.tiles_y, z = u / (p.tiles_x * p.tiles_y);
+  const int first = z * p.steps_per_split;
+  return Unit{x * BM, y * BN, y * p.tiles_x + x, z, first, min(p.steps - first, p.steps_per_split)};
+}
+
+// Persistent: a block takes units blockIdx.x, blockIdx.x + gridDim.x, ... (gridDim.x = units
+// for one unit per block). Its producer runs on into the next unit's stages while the consumers
+// finish the current one, so only the first unit's pipeline fill is exposed.
 template <int MT, int BN, int STAGES, int CL, typename Out>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_kernel(const __grid_constant__ CUtensorMap codes_map, const __grid_constant__ CUtensorMap tokens_map,
@@ -181,15 +215,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint8_t* tokens_smem = smem;                             // [STAGES][BN][128], swizzled
   uint8_t* codes_smem = smem + STAGES * L::kTokenBytes;    // [STAGES][BM][64]
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kData);
+  uint8_t* staging_smem = smem + L::kPipeline;             // epilogue chunk [kChunk][BM] + s_x [BN]
+  uint64_t* full = reinterpret_cast<uint64_t*>(staging_smem + L::kStaging);
   uint64_t* empty = full + STAGES;
   int* flag = reinterpret_cast<int*>(empty + STAGES);
 
   long long t_entry = 0;
   if (p.trace != nullptr) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_entry));
-  const int ch0 = blockIdx.x * BM, tok0 = blockIdx.y * BN;
-  const int first_step = blockIdx.z * p.steps_per_split;
-  const int steps = min(p.steps - first_step, p.steps_per_split);
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -205,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // this block's share of the token tile: rows [rank * BN / CL, (rank + 1) * BN / CL), multicast to the cluster
   constexpr int kShare = BN / CL;
   static_assert(kShare % 8 == 0, "a share must keep the 1024-byte swizzle atoms");
-  auto load_tokens = [&](int s, int step) {
+  auto load_tokens = [&](int s, int step, int tok0) {
     uint8_t* dst = tokens_smem + s * L::kTokenBytes + rank * kShare * kStepK;
     if constexpr (CL > 1)
       tma_load_2d_multicast(dst, &tokens_map, &full[s], step * kStepK, tok0 + rank * kShare, (1u << CL) - 1);
@@ -218,20 +250,28 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(&codes_map) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(&tokens_map) : "memory");
-      const int prologue = min(steps, STAGES);
-      // the codes do not depend on the activation quantization: load the first stages before waiting for it
-      for (int it = 0; it < prologue; ++it) {
-        mbar_expect_tx(&full[it], L::kStageBytes);
-        tma_load_2d(codes_smem + it * L::kCodeStage, &codes_map, &full[it], (first_step + it) * kCodeBytes, ch0);
-      }
-      wait_for_producer();
-      for (int it = 0; it < prologue; ++it) load_tokens(it, first_step + it);
-      for (int it = STAGES; it < steps; ++it) {
-        const int s = it % STAGES;
-        mbar_wait(&empty[s], ((it / STAGES) - 1) & 1);
-        mbar_expect_tx(&full[s], L::kStageBytes);
-        tma_load_2d(codes_smem + s * L::kCodeStage, &codes_map, &full[s], (first_step + it) * kCodeBytes, ch0);
-        load_tokens(s, first_step + it);
+      int g = 0;  // stages filled so far, over all units
+      for (int u = blockIdx.x; u < p.units; u += gridDim.x) {
+        const Unit w = unit_at<BM, BN>(p, u);
+        int it = 0;
+        if (g == 0) {
+          // the codes do not depend on the activation quantization: load the first stages before waiting for it
+          const int prologue = min(w.steps, STAGES);
+          for (; it < prologue; ++it) {
+            mbar_expect_tx(&full[it], L::kStageBytes);
+            tma_load_2d(codes_smem + it * L::kCodeStage, &codes_map, &full[it], (w.first_step + it) * kCodeBytes, w.ch0);
+          }
+          wait_for_producer();
+          for (int i = 0; i < prologue; ++i) load_tokens(i, w.first_step + i, w.tok0);
+          g = prologue;
+        }
+        for (; it < w.steps; ++it, ++g) {
+          const int s = g % STAGES;
+          if (g >= STAGES) mbar_wait(&empty[s], ((g / STAGES) - 1) & 1);
+          mbar_expect_tx(&full[s], L::kStageBytes);
+          tma_load_2d(codes_smem + s * L::kCodeStage, &codes_map, &full[s], (w.first_step + it) * kCodeBytes, w.ch0);
+          load_tokens(s, w.first_step + it, w.tok0);
+        }
       }
     }
     __syncwarp();
@@ -240,207 +280,226 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-  long long t_start = 0, t_data = 0, t_main = 0;
-  if (p.trace != nullptr) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_start));
-  const int cw = wg - 1;                           // consumer warpgroup 0 / 1
   const int ctid = threadIdx.x - 128;              // 0..255
+  const int cw = wg - 1;                           // consumer warpgroup 0 / 1
   const int warp = (threadIdx.x / 32) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int words = p.k / 32, groups = p.k / p.group;
   const WordGroup group_of(p.group);
-
-  // this thread's rows (block-local) and their clamped global channels, per m64 tile and half
-  int row[MT][2], chan[MT][2];
+  // this thread's rows within the block tile, per m64 tile and half
+  int row[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      row[mt][h] = (cw * MT + mt) * 64 + 16 * warp + 8 * h + g;
-      chan[mt][h] = min(ch0 + row[mt][h], p.n - 1);
-    }
+    for (int h = 0; h < 2; ++h) row[mt][h] = (cw * MT + mt) * 64 + 16 * warp + 8 * h + g;
+  const uint32_t staging = smem_addr(staging_smem), sx_smem = staging + L::kChunk * L::kStagingRow;
 
-  int acc[MT][NACC];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) acc[mt][i] = 0;
-
-  uint32_t scale[MT][2], cst[MT][2];
-  auto load_scales = [&](int step) {
-    const int gi = group_of(min(step * 4 + t, words - 1));
+  int filled = 0;  // stages consumed before this unit, over all units (the producer's g)
+  int u = blockIdx.x;
+  do {
+    const Unit w = unit_at<BM, BN>(p, u);
+    long long t_start = 0, t_data = 0, t_main = 0;
+    if (p.trace != nullptr) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_start));
+    int chan[MT][2];  // global channels of the rows, clamped
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int idx = chan[mt][h] * groups + gi;
-        const int s2 = __ldg(p.s2 + idx);
-        scale[mt][h] = static_cast<uint32_t>(s2);
-        cst[mt][h] = static_cast<uint32_t>(128 - s2 * static_cast<int>(__ldg(p.zp + idx))) * 0x01010101u;
-      }
-  };
-  if (steps > 0) load_scales(first_step);
-
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) fence_operand(acc[mt][i]);
-
-  // Two operand register sets: a step's wgmmas (four sub-steps, one commit group) stay in flight
-  // while the next step's codes are converted into the other set; wait_group 1 after each commit
-  // retires the step before, whose registers and stage are then free.
-  uint32_t areg[2][MT][4][4];
-  auto do_step = [&](const int it, uint32_t (&a)[MT][4][4]) {
-    const int s = it % STAGES;
-    mbar_wait(&full[s], (it / STAGES) & 1);
-    uint4 q[MT][2];
+      for (int h = 0; h < 2; ++h) chan[mt][h] = min(w.ch0 + row[mt][h], p.n - 1);
+    // The epilogue's scales, loaded now so that their latency hides under the main loop (two
+    // dependent global round trips in the epilogue otherwise): s_x, one token per thread, comes
+    // from the activation quantization.
+    wait_for_producer();
+    const float sx_mine = ctid < BN ? p.s_x[min(w.tok0 + ctid, p.m - 1)] : 0.f;
+    float s1v[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) q[mt][h] = lds128(codes_smem + s * L::kCodeStage + row[mt][h] * kCodeBytes + 16 * t);
-    uint32_t sc[MT][2], cc[MT][2];
+      for (int h = 0; h < 2; ++h) s1v[mt][h] = __half2float(p.s1[chan[mt][h]]);
+
+    int acc[MT][NACC];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) sc[mt][h] = scale[mt][h], cc[mt][h] = cst[mt][h];
-    if (it + 1 < steps) load_scales(first_step + it + 1);  // in flight during this step's MMAs
-    const uint64_t desc = smem_descriptor(tokens_smem + s * L::kTokenBytes);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const uint32_t w0 = j == 0 ? q[mt][0].x : j == 1 ? q[mt][0].y : j == 2 ? q[mt][0].z : q[mt][0].w;
-        const uint32_t w1 = j == 0 ? q[mt][1].x : j == 1 ? q[mt][1].y : j == 2 ? q[mt][1].z : q[mt][1].w;
-        a[mt][j][0] = ((w0 & 0x0F0F0F0Fu) * sc[mt][0] + cc[mt][0]) ^ 0x80808080u;
-        a[mt][j][1] = ((w1 & 0x0F0F0F0Fu) * sc[mt][1] + cc[mt][1]) ^ 0x80808080u;
-        a[mt][j][2] = (((w0 >> 4) & 0x0F0F0F0Fu) * sc[mt][0] + cc[mt][0]) ^ 0x80808080u;
-        a[mt][j][3] = (((w1 >> 4) & 0x0F0F0F0Fu) * sc[mt][1] + cc[mt][1]) ^ 0x80808080u;
-#pragma unroll
-        for (int r = 0; r < 4; ++r) fence_operand(a[mt][j][r]);
-      }
-    wgmma_fence();
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        WgmmaRS<BN>::mma(acc[mt], a[mt][j][0], a[mt][j][1], a[mt][j][2], a[mt][j][3], desc + 2 * j);
-    wgmma_commit();
-    wgmma_wait<1>();
-    if (it > 0 && lane == 0) {
-      if constexpr (CL > 1) {
-#pragma unroll
-        for (int c = 0; c < CL; ++c) mbar_arrive_cluster(&empty[(it - 1) % STAGES], c);
-      } else {
-        mbar_arrive(&empty[(it - 1) % STAGES]);
-      }
-    }
-  };
-  if (p.trace != nullptr && steps > 0) {
-    mbar_wait(&full[0], 0);
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_data));
-  }
-  int it = 0;
-  for (; it + 1 < steps; it += 2) {
-    do_step(it, areg[0]);
-    do_step(it + 1, areg[1]);
-  }
-  if (it < steps) do_step(it, areg[0]);
-  wgmma_wait<0>();
-  if (p.trace != nullptr) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_main));
-  if constexpr (CL > 1) cluster_sync();
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) fence_operand(acc[mt][i]);
+      for (int i = 0; i < NACC; ++i) acc[mt][i] = 0;
 
-  if (gridDim.z > 1) {
-    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-    constexpr int per_split = MT * NACC * 256;
-    int* slots = p.partials + static_cast<int64_t>(tile) * gridDim.z * per_split;
-    int* mine = slots + static_cast<int64_t>(blockIdx.z) * per_split;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int i = 0; i < NACC; ++i) __stcg(mine + (mt * NACC + i) * 256 + ctid, acc[mt][i]);
-    __threadfence();
-    named_barrier(1, 256);
-    if (ctid == 0) *flag = atomicAdd(p.counters + tile, 1) == static_cast<int>(gridDim.z) - 1;
-    named_barrier(1, 256);
-    if (!*flag) return;
-    __threadfence();
-    for (int z = 0; z < static_cast<int>(gridDim.z); ++z) {
-      if (z == static_cast<int>(blockIdx.z)) continue;
-      const int* other = slots + static_cast<int64_t>(z) * per_split;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) acc[mt][i] += __ldcg(other + (mt * NACC + i) * 256 + ctid);
-    }
-    if (ctid == 0) p.counters[tile] = 0;  // ready for the next launch
-  }
-
-  // epilogue: (acc * s_x[token]) * s1[channel], staged in shared memory as [token][channel]
-  wait_for_producer();  // s_x comes from the activation quantization
-  named_barrier(1, 256);  // both consumer warpgroups are done reading the stages the tile overwrites
-  // Shared memory only through explicit ld/st.shared: generic stores into the tile would (as SASS
-  // showed) be ordered against every global s_x load, one L2 round trip per token pair.
-  const uint32_t staging = smem_addr(smem), sx_smem = staging + BN * L::kStagingRow;
-  for (int i = ctid; i < BN; i += 256) {
-    const float v = p.s_x[min(tok0 + i, p.m - 1)];
-    asm volatile("st.shared.f32 [%0], %1;" ::"r"(sx_smem + 4 * i), "f"(v) : "memory");
-  }
-  float s1v[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) s1v[mt][h] = __half2float(p.s1[chan[mt][h]]);
-  named_barrier(1, 256);
-#pragma unroll
-  for (int nb = 0; nb < BN / 8; ++nb) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int tl = 8 * nb + 2 * t + c;
-      float sx;
-      asm volatile("ld.shared.f32 %0, [%1];" : "=f"(sx) : "r"(sx_smem + 4 * tl));
+    uint32_t scale[MT][2], cst[MT][2];
+    auto load_scales = [&](int step) {
+      const int gi = group_of(min(step * 4 + t, words - 1));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float v = __fmul_rn(__fmul_rn(static_cast<float>(acc[mt][4 * nb + 2 * h + c]), sx), s1v[mt][h]);
-          const Out o = from_float<Out>(v);
-          asm volatile("st.shared.b16 [%0], %1;" ::"r"(staging + tl * L::kStagingRow + row[mt][h] * 2),
-                       "h"(*reinterpret_cast<const unsigned short*>(&o))
-                       : "memory");
+          const int idx = chan[mt][h] * groups + gi;
+          const int s2 = __ldg(p.s2 + idx);
+          scale[mt][h] = static_cast<uint32_t>(s2);
+          cst[mt][h] = static_cast<uint32_t>(128 - s2 * static_cast<int>(__ldg(p.zp + idx))) * 0x01010101u;
         }
-    }
-  }
-  named_barrier(1, 256);
-  Out* out = static_cast<Out*>(p.out);
-  constexpr int VECS = BM / 8;  // 16-byte vectors per token row
-  const bool vector_ok = (p.n % 8) == 0;
-  for (int i = ctid; i < BN * VECS; i += 256) {
-    const int tl = i / VECS, cv = i % VECS;
-    const int token = tok0 + tl, channel = ch0 + cv * 8;
-    if (token >= p.m || channel >= p.n) continue;
-    uint4 v;
-    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "r"(staging + tl * L::kStagingRow + cv * 16));
-    Out* dst = out + static_cast<int64_t>(token) * p.n + channel;
-    if (vector_ok) {
-      *reinterpret_cast<uint4*>(dst) = v;
-    } else {
-      const Out* e = reinterpret_cast<const Out*>(&v);
+    };
+    load_scales(w.first_step);
+
 #pragma unroll
-      for (int c = 0; c < 8; ++c)
-        if (channel + c < p.n) dst[c] = e[c];
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) fence_operand(acc[mt][i]);
+
+    // Two operand register sets: a step's wgmmas (four sub-steps, one commit group) stay in flight
+    // while the next step's codes are converted into the other set; wait_group 1 after each commit
+    // retires the step before, whose registers and stage are then free.
+    uint32_t areg[2][MT][4][4];
+    auto release = [&](int stage) {
+      if (lane != 0) return;
+      if constexpr (CL > 1) {
+#pragma unroll
+        for (int c = 0; c < CL; ++c) mbar_arrive_cluster(&empty[stage], c);
+      } else {
+        mbar_arrive(&empty[stage]);
+      }
+    };
+    auto do_step = [&](const int it, uint32_t (&a)[MT][4][4]) {
+      const int gi = filled + it, s = gi % STAGES;
+      mbar_wait(&full[s], (gi / STAGES) & 1);
+      uint4 q[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) q[mt][h] = lds128(codes_smem + s * L::kCodeStage + row[mt][h] * kCodeBytes + 16 * t);
+      uint32_t sc[MT][2], cc[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sc[mt][h] = scale[mt][h], cc[mt][h] = cst[mt][h];
+      if (it + 1 < w.steps) load_scales(w.first_step + it + 1);  // in flight during this step's MMAs
+      const uint64_t desc = smem_descriptor(tokens_smem + s * L::kTokenBytes);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint32_t w0 = j == 0 ? q[mt][0].x : j == 1 ? q[mt][0].y : j == 2 ? q[mt][0].z : q[mt][0].w;
+          const uint32_t w1 = j == 0 ? q[mt][1].x : j == 1 ? q[mt][1].y : j == 2 ? q[mt][1].z : q[mt][1].w;
+          a[mt][j][0] = ((w0 & 0x0F0F0F0Fu) * sc[mt][0] + cc[mt][0]) ^ 0x80808080u;
+          a[mt][j][1] = ((w1 & 0x0F0F0F0Fu) * sc[mt][1] + cc[mt][1]) ^ 0x80808080u;
+          a[mt][j][2] = (((w0 >> 4) & 0x0F0F0F0Fu) * sc[mt][0] + cc[mt][0]) ^ 0x80808080u;
+          a[mt][j][3] = (((w1 >> 4) & 0x0F0F0F0Fu) * sc[mt][1] + cc[mt][1]) ^ 0x80808080u;
+#pragma unroll
+          for (int r = 0; r < 4; ++r) fence_operand(a[mt][j][r]);
+        }
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          WgmmaRS<BN>::mma(acc[mt], a[mt][j][0], a[mt][j][1], a[mt][j][2], a[mt][j][3], desc + 2 * j);
+      wgmma_commit();
+      wgmma_wait<1>();
+      if (it > 0) release((gi - 1) % STAGES);
+    };
+    if (p.trace != nullptr) {
+      mbar_wait(&full[filled % STAGES], (filled / STAGES) & 1);
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_data));
     }
-  }
-  if (p.trace != nullptr && ctid == 0) {
-    long long t_end, sm;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_end));
-    asm volatile("{ .reg .u32 r; mov.u32 r, %%smid; cvt.u64.u32 %0, r; }" : "=l"(sm));
-    long long* rec = p.trace + 6 * ((static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x);
-    rec[0] = sm, rec[1] = t_entry, rec[2] = t_start, rec[3] = t_data, rec[4] = t_main, rec[5] = t_end;
-  }
+    int it = 0;
+    for (; it + 1 < w.steps; it += 2) {
+      do_step(it, areg[0]);
+      do_step(it + 1, areg[1]);
+    }
+    if (it < w.steps) do_step(it, areg[0]);
+    wgmma_wait<0>();
+    release((filled + w.steps - 1) % STAGES);
+    filled += w.steps;
+    if (p.trace != nullptr) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_main));
+    if constexpr (CL > 1) cluster_sync();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) fence_operand(acc[mt][i]);
+
+    if (p.splits > 1) {
+      constexpr int per_split = MT * NACC * 256;
+      int* slots = p.partials + static_cast<int64_t>(w.tile) * p.splits * per_split;
+      int* mine = slots + static_cast<int64_t>(w.split) * per_split;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) __stcg(mine + (mt * NACC + i) * 256 + ctid, acc[mt][i]);
+      __threadfence();
+      named_barrier(1, 256);
+      if (ctid == 0) *flag = atomicAdd(p.counters + w.tile, 1) == p.splits - 1;
+      named_barrier(1, 256);
+      if (!*flag) continue;  // to the next unit (the loop condition)
+      __threadfence();
+      for (int z = 0; z < p.splits; ++z) {
+        if (z == w.split) continue;
+        const int* other = slots + static_cast<int64_t>(z) * per_split;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int i = 0; i < NACC; ++i) acc[mt][i] += __ldcg(other + (mt * NACC + i) * 256 + ctid);
+      }
+      if (ctid == 0) p.counters[w.tile] = 0;  // ready for the next launch
+    }
+
+    // epilogue: (acc * s_x[token]) * s1[channel], staged in shared memory as [token][channel],
+    // kChunk tokens at a time
+    named_barrier(1, 256);  // both consumer warpgroups are done with the previous unit's staging
+    // Shared memory only through explicit ld/st.shared: generic stores into the tile would (as SASS
+    // showed) be ordered against every global s_x load, one L2 round trip per token pair.
+    if (ctid < BN) asm volatile("st.shared.f32 [%0], %1;" ::"r"(sx_smem + 4 * ctid), "f"(sx_mine) : "memory");
+    named_barrier(1, 256);
+    Out* out = static_cast<Out*>(p.out);
+    constexpr int VECS = BM / 8;  // 16-byte vectors per token row
+    const bool vector_ok = (p.n % 8) == 0;
+    // a compile-time chunk index, so every accumulator index stays a constant (a runtime one puts
+    // acc in local memory and serializes the wgmmas)
+    for_each_index(std::make_integer_sequence<int, BN / L::kChunk>{}, [&](auto chunk) {
+      constexpr int ck = decltype(chunk)::value;
+      if (ck > 0) named_barrier(1, 256);  // the previous chunk is stored
+#pragma unroll
+      for (int nb = ck * L::kChunk / 8; nb < (ck + 1) * L::kChunk / 8; ++nb) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int tl = 8 * nb + 2 * t + c;
+          float sx;
+          asm volatile("ld.shared.f32 %0, [%1];" : "=f"(sx) : "r"(sx_smem + 4 * tl));
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const float v = __fmul_rn(__fmul_rn(static_cast<float>(acc[mt][4 * nb + 2 * h + c]), sx), s1v[mt][h]);
+              const Out o = from_float<Out>(v);
+              asm volatile("st.shared.b16 [%0], %1;" ::"r"(staging + (tl - ck * L::kChunk) * L::kStagingRow + row[mt][h] * 2),
+                           "h"(*reinterpret_cast<const unsigned short*>(&o))
+                           : "memory");
+            }
+        }
+      }
+      named_barrier(1, 256);
+      for (int i = ctid; i < L::kChunk * VECS; i += 256) {
+        const int tl = i / VECS, cv = i % VECS;
+        const int token = w.tok0 + ck * L::kChunk + tl, channel = w.ch0 + cv * 8;
+        if (token >= p.m || channel >= p.n) continue;
+        uint4 v;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "r"(staging + tl * L::kStagingRow + cv * 16));
+        Out* dst = out + static_cast<int64_t>(token) * p.n + channel;
+        if (vector_ok) {
+          *reinterpret_cast<uint4*>(dst) = v;
+        } else {
+          const Out* e = reinterpret_cast<const Out*>(&v);
+#pragma unroll
+          for (int c = 0; c < 8; ++c)
+            if (channel + c < p.n) dst[c] = e[c];
+        }
+      }
+    });
+    if (p.trace != nullptr && ctid == 0) {
+      long long t_end, sm;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_end));
+      asm volatile("{ .reg .u32 r; mov.u32 r, %%smid; cvt.u64.u32 %0, r; }" : "=l"(sm));
+      long long* rec = p.trace + 6 * static_cast<int64_t>(u);
+      rec[0] = sm, rec[1] = t_entry ? t_entry : t_start, rec[2] = t_start, rec[3] = t_data, rec[4] = t_main, rec[5] = t_end;
+    }
+    t_entry = 0;
+  } while (kPersistent<MT, CL> && (u += gridDim.x) < p.units);
 #endif
 }
 
@@ -491,16 +550,27 @@ int launch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void*
   CUtensorMap codes_map, tokens_map;
   if (!make_map(&codes_map, qweight, n, k / 2, k / 2, L::BM, kCodeBytes, false)) return 1;
   if (!make_map(&tokens_map, x_p, m, k_pad, k_pad, BN / CL, kStepK, true)) return 1;
-  Params p{s2, zp, static_cast<const __half*>(s1), s_x, out, partials, counters, g_trace, m, n, k, group, steps, per};
+  // channel blocks rounded up to whole clusters: a block past N loads zero codes (TMA fill) and
+  // its share of the tokens for its peers, and stores nothing
+  const int tiles_x = ((n + L::BM - 1) / L::BM + CL - 1) / CL * CL, tiles_y = (m + BN - 1) / BN;
+  const int units = tiles_x * tiles_y * splits;
+  Params p{s2, zp, static_cast<const __half*>(s1), s_x, out, partials, counters, g_trace, m, n, k, group, steps, per,
+           tiles_x, tiles_y, splits, units};
   auto kernel = wgmma_kernel<MT, BN, STAGES, CL, Out>;
   static bool configured = [&] {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes) == cudaSuccess;
   }();
   if (!configured) return 3;
+  // Persistent variants: one block per SM (a block holds an SM's registers) taking units in turn.
+  // DGQ_PERSIST=0: one unit per block (A/B timing).
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 3;
+  const char* persist = getenv("DGQ_PERSIST");
+  const bool one_per_block = !kPersistent<MT, CL> || (persist && persist[0] == '0');
   cudaLaunchConfig_t config = {};
-  // channel blocks rounded up to whole clusters: a block past N loads zero codes (TMA fill) and
-  // its share of the tokens for its peers, and stores nothing
-  config.gridDim = dim3(((n + L::BM - 1) / L::BM + CL - 1) / CL * CL, (m + BN - 1) / BN, splits);
+  config.gridDim = dim3(one_per_block ? units : min(units, sms));
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = L::kBytes;
   config.stream = stream;

@@ -94,12 +94,15 @@ def _weight(n, k, group, seed=0):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_activation_quantization_matches_reference(dtype):
+@pytest.mark.parametrize("m,k", [(37, 4096), (300, 4096), (37, 11008), (300, 11008), (70, 576), (3, 73792)])
+def test_activation_quantization_matches_reference(dtype, m, k):
+    """Every launch shape: one load per thread (few rows), several held in registers (many rows,
+    K = 11008), and rows too long for the registers (K = 73792, read twice)."""
     from dgqtool.kernels import runtime
 
     lib = _library()
-    x = (torch.randn(37, 4096, device="cuda") * torch.logspace(-2, 2, 37, device="cuda").unsqueeze(1)).to(dtype)
-    x[3] = 0  # all-zero row takes the 1e-8 scale floor
+    x = (torch.randn(m, k, device="cuda") * torch.logspace(-2, 2, m, device="cuda").unsqueeze(1)).to(dtype)
+    x[1] = 0  # all-zero row takes the 1e-8 scale floor
     q, s = runtime.quantize_rows(lib, x)
     q_ref, s_ref = quantize_per_token(x)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
@@ -107,6 +110,31 @@ def test_activation_quantization_matches_reference(dtype):
     q, s = runtime.quantize_rows(lib, x, static)
     q_ref, s_ref = quantize_per_tensor(x, static)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_quantization_rounds_ties_like_the_reference(dtype, permuted):
+    """The kernels multiply by 1/scale and divide only near a half-integer: exact ties (a static
+    scale of 0.25, round half to even) and near-ties (x = (j + 0.5) * scale rounded to the dtype)
+    still equal the reference's division."""
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    half = (torch.arange(-128, 128, device="cuda", dtype=torch.float32) + 0.5).repeat(2)  # 512 features
+    x = (half * 0.25).to(dtype).unsqueeze(0)
+    static = torch.tensor([0.25], device="cuda")
+    # amax 127 c, so scale ~ c and x / scale ~ j + 0.5 (256 features: the amax, 254 near-ties, a zero)
+    near = torch.cat([torch.tensor([127.0], device="cuda"), torch.arange(-127, 127, device="cuda") + 0.5,
+                      torch.zeros(1, device="cuda")])
+    rows = torch.stack([near * c for c in (1.0, 3.0, 0.3, 1e-3)]).to(dtype)
+    quantize = runtime.quantize_rows_permuted if permuted else runtime.quantize_rows
+    for inputs, scale, reference in ((x, static, quantize_per_tensor), (rows, None, quantize_per_token)):
+        q, s = quantize(lib, inputs) if scale is None else quantize(lib, inputs, scale)
+        q_ref, s_ref = reference(inputs) if scale is None else reference(inputs, scale)
+        assert torch.equal(s, s_ref)
+        assert torch.equal(q, runtime.permute_s8(lib, q_ref) if permuted else q_ref)
 
 
 @gpu
@@ -244,24 +272,24 @@ def _wgmma_configs(lib, m, n, k):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("k", [576, 4096])
-def test_permuted_quantization_matches_reference(dtype, k):
+@pytest.mark.parametrize("m,k", [(19, 576), (19, 4096), (300, 4096), (300, 11008), (2, 73792)])
+def test_permuted_quantization_matches_reference(dtype, m, k):
     """The quantization kernel writing the wgmma order equals the reference, permuted by
     dgq_permute_s8 (and padded with zeros to a multiple of 128 features)."""
     from dgqtool.kernels import runtime
 
     lib = _library()
-    x = (torch.randn(19, k, device="cuda") * torch.logspace(-2, 2, 19, device="cuda").unsqueeze(1)).to(dtype)
+    x = (torch.randn(m, k, device="cuda") * torch.logspace(-2, 2, m, device="cuda").unsqueeze(1)).to(dtype)
     q, s = runtime.quantize_rows_permuted(lib, x)
     q_ref, s_ref = quantize_per_token(x)
     perm = runtime.permute_s8(lib, q_ref)
-    assert q.shape == (19, (k + 127) // 128 * 128) and torch.equal(s, s_ref) and torch.equal(q, perm)
+    assert q.shape == (m, (k + 127) // 128 * 128) and torch.equal(s, s_ref) and torch.equal(q, perm)
     # the permutation itself: feature 32t + 8j + 2i + e of a 128-block sits at 32j + 16e + 4t + i
     f = torch.arange(128)
     pos = 32 * ((f >> 3) & 3) + 16 * (f & 1) + 4 * (f >> 5) + ((f >> 1) & 3)
     blocks = k // 128
-    natural = q_ref[:, : blocks * 128].reshape(19, blocks, 128)
-    assert torch.equal(perm[:, : blocks * 128].reshape(19, blocks, 128)[:, :, pos.cuda()], natural)
+    natural = q_ref[:, : blocks * 128].reshape(m, blocks, 128)
+    assert torch.equal(perm[:, : blocks * 128].reshape(m, blocks, 128)[:, :, pos.cuda()], natural)
     if k % 128:
         assert perm[:, blocks * 128:].float().abs().sum() == (q_ref[:, blocks * 128:].float().abs().sum())
 
