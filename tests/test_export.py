@@ -174,3 +174,26 @@ def test_folding_error_is_reported_in_the_checkpoint_dtype():
     errors = {dtype: compressed_state(state, {"group_size": 32}, dtype)[2] for dtype in (torch.bfloat16, torch.float16)}
     assert 2**-10 < errors[torch.bfloat16] <= 2**-8  # 8 significant bits: at most half an ulp, 3.9e-3
     assert 0 < errors[torch.float16] <= 2**-11  # 11 bits: 4.9e-4
+
+
+def test_symmetric_quantize_exports_the_symmetric_scheme(tiny_llama, corpus_file, tmp_path):
+    """--symmetric: every zero point 8 (the codes' midpoint, int4 zero in compressed-tensors), verify
+    passes, the export says symmetric and loads back with the same codes."""
+    out = tmp_path / "ckpt"
+    result = runner.invoke(app, ["--json", "quantize", str(tiny_llama), "-o", str(out), "--calib-data", str(corpus_file),
+                                 "--nsamples", "4", "--seqlen", "64", "--group", "32", "--symmetric",
+                                 "--export", "compressed-tensors"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["recipe"]["symmetric"] is True and all(c["passed"] for c in summary["verify"])
+    dgq, _, _ = load_checkpoint(out)
+    linears = [m for m in dgq.modules() if isinstance(m, DGQLinear)]
+    assert len(linears) == 14 and all(bool((m.quantized_weight().zero == 8).all()) for m in linears)
+    codes = torch.cat([m.quantized_weight().codes.flatten() for m in linears])
+    assert int(codes.min()) == 0 and int(codes.max()) == 15  # both ends of [-8, 7] in use
+    export = Path(summary["export"]["output"])
+    block = json.loads((export / "config.json").read_text())["quantization_config"]
+    assert block["config_groups"]["group_0"]["weights"]["symmetric"] is True
+    exported, _, _ = load_compressed_tensors(export)
+    a, b = dgq.model.layers[1].mlp.down_proj, exported.model.layers[1].mlp.down_proj
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.qzeros, b.qzeros)

@@ -84,3 +84,56 @@ def test_compiled_cuda_decode_equals_eager(packed):
     eager = model.generate(ids, **greedy)
     compiled = model.generate(ids, cache_implementation="static", **greedy)  # static cache on CUDA: transformers compiles
     assert torch.equal(compiled, eager)
+
+
+def _decode_step_inputs(model, ids):
+    """A static KV cache filled by an eager prefill of ids, and the next step's inputs (a fresh
+    cache per call: recent transformers advance the cache's own position on every step)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 4)
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    token = model(input_ids=ids, past_key_values=cache, cache_position=positions).logits[:, -1].argmax(-1)
+    return {"input_ids": token.view(-1, 1), "past_key_values": cache,
+            "cache_position": torch.tensor([ids.shape[1]], device=ids.device)}
+
+
+def test_compiled_decode_step_is_one_graph_equal_to_eager(packed):
+    """What graph_decode compiles (compile_step): the one-token step over the static cache, traced
+    whole (fullgraph) through the ops. Not bit-exact even without inductor: under dynamo
+    transformers takes its tracing branch for the attention mask (measured: 6e-8 absolute)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model, _, _ = load_checkpoint(packed)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=GEN)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        eager = model(**_decode_step_inputs(model, ids)).logits
+        compiled = torch.compile(model, fullgraph=True, backend=counter)(**_decode_step_inputs(model, ids)).logits
+    assert counter.frame_count == 1
+    assert (compiled - eager).abs().max() <= 1e-6 * eager.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_graph_decode_equals_eager_on_cuda(packed):
+    """On the kernel path, as `dgq run` decodes (fused linears, CUDA graph per token): the inductor
+    compiled step gives the eager step's greedy tokens and its logits within fp16 fusion error;
+    traced without inductor (aot_eager) within transformers' tracing-branch error."""
+    from dgqtool.checkpoint import fuse_for_inference
+    from dgqtool.run import compile_step, graph_decode
+
+    model, tokenizer, _ = load_checkpoint(packed, "cuda")
+    model = fuse_for_inference(model.half())
+    ids = tokenizer("the red house of the old river", return_tensors="pt").input_ids.cuda()
+    torch._dynamo.reset()
+    eager = graph_decode(model, ids, 12)
+    compiled = graph_decode(model, ids, 12, step_model=compile_step(model))
+    assert eager.shape == (1, 12) and torch.equal(compiled, eager)
+    with torch.no_grad():
+        want = model(**_decode_step_inputs(model, ids)).logits
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(**_decode_step_inputs(model, ids)).logits
+        fused = compile_step(model)(**_decode_step_inputs(model, ids)).logits
+    scale = want.float().abs().max()
+    assert (got.float() - want.float()).abs().max() <= 1e-3 * scale
+    assert (fused.float() - want.float()).abs().max() <= 2e-2 * scale  # inductor: fp16 fusions

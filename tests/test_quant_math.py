@@ -15,7 +15,7 @@ from dgqtool.quant.dual_grained import (
     split_scales,
     unpack_nibbles,
 )
-from dgqtool.quant.quantizer import alpha_grid, asym_params, fake_quantize, quantize_codes, quantize_per_token
+from dgqtool.quant.quantizer import alpha_grid, asym_params, fake_quantize, quantize_codes, quantize_per_token, sym_params
 
 
 def test_alpha_grid_matches_authors_code():
@@ -42,6 +42,16 @@ def test_eq1_clipping_shrinks_the_range():
     s_full, _ = asym_params(w.amin(1), w.amax(1), 1.0, 4)
     s_clip, _ = asym_params(w.amin(1), w.amax(1), 0.8, 4)
     assert s_clip.item() == pytest.approx(0.8 * s_full.item())
+
+
+def test_symmetric_params_fix_the_zero_point_at_8_and_span_minus_8_to_7():
+    """compressed-tensors' symmetric int4: s = max|w| / 7.5; the larger side reaches a code's end."""
+    w_min, w_max = torch.tensor([-7.5, -1.5, -15.0]), torch.tensor([3.0, 3.75, 0.0])  # exact scales 1, 0.5, 2
+    scale, zero = sym_params(w_min, w_max, 1.0, bits=4)
+    assert torch.equal(zero, torch.full((3,), 8.0)) and torch.equal(scale, torch.tensor([1.0, 0.5, 2.0]))
+    codes = quantize_codes(torch.stack([w_min, w_max], -1), scale.unsqueeze(-1), zero.unsqueeze(-1), bits=4)
+    assert codes.tolist() == [[0.0, 11.0], [5.0, 15.0], [0.0, 8.0]]  # -7.5 rounds to -8; +7.5 to 8, clamped to 7
+    assert torch.allclose(sym_params(w_min, w_max, 0.8, bits=4)[0], scale * 0.8)
 
 
 def test_per_token_int8_error_bound():

@@ -61,6 +61,8 @@ class Recipe:
                              choices=("xhat", "x"))
     refine: bool = _option(False, "DGQ phase 3 (ours): per-group floor/ceil of S2 and zp +-1.", (SEARCH,))
     gptq: bool = _option(False, "Assign codes on the searched grid by GPTQ error feedback.", (SEARCH,))
+    symmetric: bool = _option(False, "Symmetric 4-bit codes: every zero point 8, the scales searched alone (the "
+                              "compressed-tensors variant vLLM runs on Hopper at --group 128).", (SEARCH,))
 
     def with_overrides(self, **values: Any) -> "Recipe":
         """Copy with the options the user actually passed (None means not given)."""
@@ -142,7 +144,7 @@ def options_for(command: str) -> list[dataclasses.Field]:
 # Options that change each stage's result (and therefore its fingerprint).
 CALIBRATE_OPTIONS = ("calib_data", "nsamples", "seqlen", "seed", "dtype", "rotate")
 SMOOTH_OPTIONS = ("smooth", "percentile", "alpha", "max_column_growth")
-SEARCH_OPTIONS = ("scheme", "method", "group", "act", "grid1", "grid2", "objective", "refine", "gptq")
+SEARCH_OPTIONS = ("scheme", "method", "group", "act", "grid1", "grid2", "objective", "refine", "gptq", "symmetric")
 
 
 def load_config(path: str | None) -> Recipe:

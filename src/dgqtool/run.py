@@ -77,12 +77,15 @@ def _peak_memory_mb(device: str) -> float:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             chat: bool = False, stream=None, device: str = "cpu", seed: int = 0) -> Generation:
-    """Greedy when temperature is 0; `stream` (a file) receives text as it is generated."""
+             chat: bool = False, stream=None, device: str = "cpu", seed: int = 0, compile: bool = True) -> Generation:
+    """Greedy when temperature is 0; `stream` (a file) receives text as it is generated. On CUDA
+    the decode step runs compiled (compile_step) unless `compile` is False; elsewhere eager."""
     from transformers import TextStreamer
 
     ids = prompt_ids(tokenizer, prompt, chat).to(device)
-    _decode(model, tokenizer, ids, min(2, max_new_tokens), temperature, _TokenClock(), device)  # warm-up
+    step_model = compile_step(model) if compile and device.startswith("cuda") else None
+    cache_len = ids.shape[1] + max_new_tokens  # the warm-up compiles for the timed run's cache shape
+    _decode(model, tokenizer, ids, min(2, max_new_tokens), temperature, _TokenClock(), device, step_model, cache_len)
     torch.manual_seed(seed)
     text_streamer = None
     if stream is not None:
@@ -90,15 +93,18 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
         text_streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n", file=stream, flush=True)
     clock = _TokenClock(text_streamer)
     start = time.perf_counter()
-    new = _decode(model, tokenizer, ids, max_new_tokens, temperature, clock, device)
+    new = _decode(model, tokenizer, ids, max_new_tokens, temperature, clock, device, step_model, cache_len)
     times = clock.times[: new.numel()]  # the graph decoder runs past an end-of-sequence token
     return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), times[0] - start,
                       times[-1] - times[1] if len(times) > 2 else 0.0, _peak_memory_mb(device))
 
 
-def _decode(model, tokenizer, ids, max_new_tokens: int, temperature: float, clock: _TokenClock, device: str) -> torch.Tensor:
+def _decode(model, tokenizer, ids, max_new_tokens: int, temperature: float, clock: _TokenClock, device: str,
+            step_model=None, cache_len: int | None = None) -> torch.Tensor:
     """The new token ids, each stamped by `clock` as it comes out."""
-    new = _cuda_graph_generate(model, ids, max_new_tokens, temperature, clock) if device.startswith("cuda") else None
+    new = None
+    if device.startswith("cuda"):
+        new = _cuda_graph_generate(model, ids, max_new_tokens, temperature, clock, step_model, cache_len)
     if new is None:
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=clock,
@@ -114,24 +120,38 @@ def _pick(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1).squeeze(-1)
 
 
+def compile_step(model):
+    """The model compiled for graph_decode's decode step: inductor in its default mode, whole graph
+    (the DGQ linears are one opaque op each). Not mode="reduce-overhead": its own CUDA graphs would
+    nest inside graph_decode's capture, which already replays the compiled kernels as one graph;
+    what compiling adds is the fusion of the float ops between the linears (norms, rotary, SiLU,
+    residuals). Automatic dynamic shapes: one recompile for a second batch size or cache length."""
+    return torch.compile(model, fullgraph=True)
+
+
 @torch.no_grad()
-def graph_decode(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, on_token=None) -> torch.Tensor:
+def graph_decode(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, on_token=None,
+                 step_model=None, cache_len: int | None = None) -> torch.Tensor:
     """Prefill, then one CUDA-graph replay per new token over a static KV cache: at batch 1 the
     launches of a few hundred small kernels per token would otherwise cost more than the kernels.
-    ids (batch, n) on a CUDA device -> (batch, max_new_tokens) new token ids."""
+    ids (batch, n) on a CUDA device -> (batch, max_new_tokens) new token ids. The decode step runs
+    `step_model` (compile_step(model); default the model itself) and is compiled, if at all, in the
+    warm-up step before the capture; the prefill stays eager. cache_len (default n + max_new_tokens)
+    lets a short warm-up share the timed run's cache shape, hence its compiled graph."""
     from transformers import StaticCache
 
     batch, n = ids.shape
-    cache = StaticCache(config=model.config, max_cache_len=n + max_new_tokens)
+    cache = StaticCache(config=model.config, max_cache_len=cache_len or n + max_new_tokens)
     prefill = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n, device=ids.device))
     token = _pick(prefill.logits[:, -1], temperature)
     tokens = [token]
     if on_token is not None:
         on_token(token)  # before the capture below: the first token's time is the prefill's
     step_ids, step_pos = token.view(batch, 1).clone(), torch.tensor([n], device=ids.device)
+    forward = model if step_model is None else step_model
 
     def step():
-        return model(input_ids=step_ids, past_key_values=cache, cache_position=step_pos).logits[:, -1]
+        return forward(input_ids=step_ids, past_key_values=cache, cache_position=step_pos).logits[:, -1]
 
     side = torch.cuda.Stream()  # capture wants its warm-up off the default stream
     side.wait_stream(torch.cuda.current_stream())
@@ -152,13 +172,15 @@ def graph_decode(model, ids: torch.Tensor, max_new_tokens: int, temperature: flo
     return torch.stack(tokens, dim=1)
 
 
-def _cuda_graph_generate(model, ids, max_new_tokens: int, temperature: float, streamer) -> torch.Tensor | None:
+def _cuda_graph_generate(model, ids, max_new_tokens: int, temperature: float, streamer, step_model=None,
+                         cache_len: int | None = None) -> torch.Tensor | None:
     """graph_decode for one prompt; None (with a warning) where the model cannot be captured."""
     if os.environ.get("DGQ_CUDA_GRAPHS", "1") == "0":
         return None
     streamer.put(ids.cpu())  # the prompt, which the streamer skips
     try:  # .cpu() waits for each token, so the streamer stamps it when it exists
-        new = graph_decode(model, ids, max_new_tokens, temperature, on_token=lambda t: streamer.put(t.cpu()))[0]
+        new = graph_decode(model, ids, max_new_tokens, temperature, on_token=lambda t: streamer.put(t.cpu()),
+                           step_model=step_model, cache_len=cache_len)[0]
     except RuntimeError as exc:
         warnings.warn(f"CUDA graph decoding unavailable ({str(exc).splitlines()[0]}); using generate()")
         streamer.restart()
@@ -167,7 +189,8 @@ def _cuda_graph_generate(model, ids, max_new_tokens: int, temperature: float, st
     return new
 
 
-def run_checkpoint(path: Path, prompt: str, *, device: str, max_new_tokens: int, temperature: float, chat: bool) -> Generation:
+def run_checkpoint(path: Path, prompt: str, *, device: str, max_new_tokens: int, temperature: float, chat: bool,
+                   compile: bool = True) -> Generation:
     model, tokenizer, _ = load_checkpoint(path, device)
     return generate(fuse_for_inference(model), tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat=chat,
-                    stream=sys.stdout, device=device)
+                    stream=sys.stdout, device=device, compile=compile)

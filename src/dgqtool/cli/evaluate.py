@@ -72,8 +72,9 @@ def run(
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")] = 0.0,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")] = False,
     device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda[:N].  [default: auto]", show_default=False)] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="On CUDA, decode with the torch.compile'd model (CPU: always eager).")] = True,
 ):
-    """Generate from a packed checkpoint (integer DGQ path), streaming text; prints tokens/s and peak memory."""
+    """Generate from a packed checkpoint (integer DGQ path), streaming text; prints time to first token, decode tokens/s and peak memory."""
     from ..run import run_checkpoint
     from ..stages.graph import pick_device
 
@@ -85,7 +86,7 @@ def run(
         raise DGQError(f"--temperature must be a finite number >= 0; got {temperature}")
     _check_generation_fits(checkpoint, max_new_tokens, chat)
     result = run_checkpoint(checkpoint, prompt, device=pick_device(device or "auto"), max_new_tokens=max_new_tokens,
-                            temperature=temperature, chat=chat)
+                            temperature=temperature, chat=chat, compile=compile)
     reporter().info(result.summary())
 
 

@@ -119,7 +119,13 @@ def library_for(x: torch.Tensor) -> KernelLibrary | None:
     """The kernel library for x's GPU, or None when x must take the reference path."""
     if not x.is_cuda or x.dtype not in _OUT_SUFFIX or os.environ.get("DGQ_KERNELS", "1") == "0" or x.shape[-1] % 32:
         return None
-    return library(x.device)
+    return _library_at(x.get_device())
+
+
+@lru_cache(maxsize=None)
+def _library_at(index: int) -> KernelLibrary | None:
+    # per call, the capability lookups behind library() cost several microseconds of host time
+    return library(torch.device("cuda", index))
 
 
 def library(device: torch.device) -> KernelLibrary | None:
@@ -129,8 +135,9 @@ def library(device: torch.device) -> KernelLibrary | None:
     return library_for_arch(arch_of(device))
 
 
-def _stream(device: torch.device):
-    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+def _stream(device: torch.device) -> int:
+    """The current stream's handle; the raw lookup skips building a torch.cuda.Stream per launch."""
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def quantize_rows(lib: KernelLibrary, x: torch.Tensor, static_scale: torch.Tensor | None = None):

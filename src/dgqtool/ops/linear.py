@@ -6,6 +6,10 @@ S2 * (code - zp), int32 accumulation, then s_x * s1. The caller may pass that in
 holds one (DGQLinear caches it), else it is expanded from the packed codes on each call. On CUDA
 the kernel library runs it (kernels/runtime.py's dgq_linear), computing the same integers and the
 same fp32 epilogue. The fake implementation gives shapes to torch.compile.
+
+Registered through the low-level `torch.library.Library`, not `torch.library.custom_op`: the
+latter's Python wrapper (autograd shim, alias checks) costs about 10 us per call on the host,
+more than the M = 1 kernels themselves (scripts/bench_dispatch.py); eager decode pays it per linear.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from ..kernels import runtime
 from ..quant.quantizer import quantize_per_tensor, quantize_per_token
 
 KERNEL_WORD = 32  # the kernels read the codes of a group in 32-code words
+SCHEMA = ("linear(Tensor x, Tensor qweight, Tensor scales_s2, Tensor qzeros, Tensor scales_s1, int group, "
+          "Tensor? input_scale=None, Tensor? w_s8=None) -> Tensor")
 
 
 def reference(x: torch.Tensor, qweight: torch.Tensor, scales_s2: torch.Tensor, qzeros: torch.Tensor,
@@ -30,14 +36,6 @@ def reference(x: torch.Tensor, qweight: torch.Tensor, scales_s2: torch.Tensor, q
     return dual_scale_gemm(x_q, s_x, w_s8, scales_s1, x.dtype)
 
 
-@torch.library.custom_op("dgq::linear", mutates_args=(), device_types="cpu")
-def linear(x: torch.Tensor, qweight: torch.Tensor, scales_s2: torch.Tensor, qzeros: torch.Tensor,
-           scales_s1: torch.Tensor, group: int, input_scale: torch.Tensor | None = None,
-           w_s8: torch.Tensor | None = None) -> torch.Tensor:
-    return reference(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8)
-
-
-@linear.register_kernel("cuda")
 def _cuda(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale=None, w_s8=None):
     lib = runtime.library_for(x) if group % KERNEL_WORD == 0 else None
     if lib is None:
@@ -45,6 +43,13 @@ def _cuda(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale=None, w_s
     return runtime.dgq_linear(lib, x, qweight, scales_s2, qzeros, scales_s1, group, input_scale)
 
 
-@linear.register_fake
 def _fake(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale=None, w_s8=None):
     return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+_LIBRARY = torch.library.Library("dgq", "DEF")  # kept: the registrations live as long as this object
+_LIBRARY.define(SCHEMA)
+_LIBRARY.impl("linear", reference, "CPU")
+_LIBRARY.impl("linear", _cuda, "CUDA")
+torch.library.register_fake("dgq::linear", _fake, lib=_LIBRARY)
+linear = torch.ops.dgq.linear.default

@@ -38,6 +38,16 @@ def asym_params(
     return scale, zero
 
 
+def sym_params(
+    w_min: torch.Tensor, w_max: torch.Tensor, alpha: float | torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the symmetric quantizer: the zero point fixed at 2^(bits-1) (levels
+    -8..7 for 4 bits) and s = alpha * max|w| / 7.5, as compressed-tensors' symmetric int4 (the
+    variant vLLM's Hopper W4A8 kernel takes)."""
+    scale = (torch.maximum(-w_min, w_max).clamp(min=0.0) * alpha / ((2**bits - 1) / 2)).clamp(min=1e-10)
+    return scale, torch.full_like(scale, float(2 ** (bits - 1)))
+
+
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """q = clamp(round(w / s) + zp, 0, 2^N - 1), as float codes (broadcasting shapes)."""
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)

@@ -36,7 +36,7 @@ from .dual_grained import (
     split_scales,
 )
 from .gptq import with_gptq_codes
-from .quantizer import INT8_MAX, alpha_grid, asym_params, fake_quantize, quantize_codes
+from .quantizer import INT8_MAX, alpha_grid, asym_params, fake_quantize, quantize_codes, sym_params
 
 Objective = Literal["xhat", "x"]
 Method = Literal["dgq", "rtn-dg", "groupwise", "channelwise", "rtn"]
@@ -127,15 +127,18 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor, moments: SecondMoments,
 
 
 def search_group_scales(
-    w: torch.Tensor, moments: SecondMoments, group: int, grid: torch.Tensor, objective: Objective
+    w: torch.Tensor, moments: SecondMoments, group: int, grid: torch.Tensor, objective: Objective,
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 1 (Eq. 3): per (output channel, group) the 4-bit scale and zero point minimising the
-    group's output error over the clipping grid. Returns float (o, n_g) scales and zeros."""
+    group's output error over the clipping grid (symmetric: the zero point fixed at 8, the scale
+    searched alone). Returns float (o, n_g) scales and zeros."""
     wg, linear, quad = _group_blocks(w, moments, group, objective)
     w_min, w_max = wg.amin(-1), wg.amax(-1)
     best = _RunningArgmin(torch.zeros_like(w_min), torch.zeros_like(w_min))
+    params = sym_params if symmetric else asym_params
     for alpha in grid.tolist():
-        scale, zero = asym_params(w_min, w_max, alpha, bits=4)
+        scale, zero = params(w_min, w_max, alpha, bits=4)
         delta = fake_quantize(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits=4) - wg
         best.update(_group_delta_error(delta, linear, quad), scale, zero)
     return best.values
@@ -188,15 +191,17 @@ def refine_group_integers(
     moments: SecondMoments,
     group: int,
     objective: Objective,
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optional phase 3 (not in the paper): round(S' / s1) misses the phase-1 scale by up to 1/(2 S2),
-    20-30 % for narrow groups. Per group, try floor and ceil of S' / s1 and the zero point +-1, keep
-    the pair with the lowest group output error (Eq. 3's blocks). Returns float S2 and zeros (o, n_g)."""
+    20-30 % for narrow groups. Per group, try floor and ceil of S' / s1 and the zero point +-1 (not
+    when symmetric: it stays 8), keep the pair with the lowest group output error (Eq. 3's blocks).
+    Returns float S2 and zeros (o, n_g)."""
     wg, linear, quad = _group_blocks(w, moments, group, objective)
     ratio = group_scale / s1.unsqueeze(-1)
     best = _RunningArgmin(split_scales(group_scale, s1), zero)
     for s2 in (torch.floor(ratio).clamp(1, INT8_MAX), torch.ceil(ratio).clamp(1, INT8_MAX)):
-        for shift in (-1, 0, 1):
+        for shift in (0,) if symmetric else (-1, 0, 1):
             z = (zero + shift).clamp(0, 15)
             codes = dual_grained_codes(w, z, s2, s1)
             delta = (codes - z.unsqueeze(-1)) * (s2 * s1.unsqueeze(-1)).unsqueeze(-1) - wg
@@ -210,10 +215,10 @@ def _group_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grou
     return GroupWeight(codes=codes.reshape(w.shape).to(torch.uint8), zero=zero.to(torch.uint8), scale=scale)
 
 
-def rtn_dual_grained(w: torch.Tensor, group: int) -> DualGrainedWeight:
+def rtn_dual_grained(w: torch.Tensor, group: int, symmetric: bool = False) -> DualGrainedWeight:
     """Table 1's RTN dual-grained: alpha = 1 in both phases, no search."""
     wg = grouped(w, group)
-    scale, zero = asym_params(wg.amin(-1), wg.amax(-1), 1.0, bits=4)
+    scale, zero = (sym_params if symmetric else asym_params)(wg.amin(-1), wg.amax(-1), 1.0, bits=4)
     s1 = _channel_scales(w, torch.ones(1, device=w.device))[0]
     return make_dual_grained(w, split_scales(scale, s1), zero, s1)
 
@@ -229,33 +234,36 @@ def search_weight(
     objective: Objective = "xhat",
     refine: bool = False,
     gptq: bool = False,
+    symmetric: bool = False,
 ) -> QuantizedWeight:
-    """The quantized weight of one linear (o, h) with the given method (no error report)."""
+    """The quantized weight of one linear (o, h) with the given method (no error report);
+    symmetric: every zero point 8."""
     w = w.float()
     if method == "rtn-dg":
-        result: QuantizedWeight = rtn_dual_grained(w, group)
+        result: QuantizedWeight = rtn_dual_grained(w, group, symmetric)
     elif method == "dgq":
-        scale, zero = search_group_scales(w, moments, group, alpha_grid(grid1), objective)
+        scale, zero = search_group_scales(w, moments, group, alpha_grid(grid1), objective, symmetric)
         s1 = search_channel_scales(w, scale, zero, moments, alpha_grid(grid2, span=PHASE2_SPAN), objective)
         s2 = split_scales(scale, s1)
         if refine:
-            s2, zero = refine_group_integers(w, scale, zero, s1, moments, group, objective)
+            s2, zero = refine_group_integers(w, scale, zero, s1, moments, group, objective, symmetric)
         result = make_dual_grained(w, s2, zero, s1)
     else:
         g = w.shape[1] if method == "channelwise" else group
         grid = alpha_grid(1 if method == "rtn" else grid1)
-        scale, zero = search_group_scales(w, moments, g, grid, objective)
+        scale, zero = search_group_scales(w, moments, g, grid, objective, symmetric)
         result = _group_weight(w, scale, zero, g)
     if gptq:
         result = with_gptq_codes(w, result, *moments.objective(objective))
     return result
 
 
-def _reported(w: torch.Tensor, result: QuantizedWeight, moments: SecondMoments, group: int, objective: Objective) -> SearchResult:
-    w = w.float()
+def _reported(w: torch.Tensor, result: QuantizedWeight, moments: SecondMoments, options: dict) -> SearchResult:
+    w, objective = w.float(), options.get("objective", "xhat")
+    rtn = rtn_dual_grained(w, options.get("group", 128), options.get("symmetric", False))
     return SearchResult(
         weight=result,
-        error_rtn=relative_error(w, rtn_dual_grained(w, group).dequantize(), moments, objective),
+        error_rtn=relative_error(w, rtn.dequantize(), moments, objective),
         error=relative_error(w, result.dequantize(), moments, objective),
     )
 
@@ -263,8 +271,7 @@ def _reported(w: torch.Tensor, result: QuantizedWeight, moments: SecondMoments, 
 def quantize_weight(w: torch.Tensor, moments: SecondMoments, **options) -> SearchResult:
     """Quantize one linear's weight (o, h) (options as search_weight); errors are relative output
     errors, of the result and of RTN dual-grained as the "before search" reference."""
-    return _reported(w, search_weight(w, moments, **options), moments, options.get("group", 128),
-                     options.get("objective", "xhat"))
+    return _reported(w, search_weight(w, moments, **options), moments, options)
 
 
 # Upper bound on rows x columns of one stacked search (a few tensors of this size are live at once).
@@ -282,7 +289,6 @@ def quantize_weights(weights: list[torch.Tensor], moments: SecondMoments, **opti
     and scales are those of one call per linear, in fewer, larger launches -- all experts' gate/up
     of an MoE layer in a few calls instead of 2 x experts. Errors are reported per linear."""
     results: list[SearchResult] = []
-    objective, group = options.get("objective", "xhat"), options.get("group", 128)
     batch: list[torch.Tensor] = []
 
     def flush() -> None:
@@ -290,7 +296,7 @@ def quantize_weights(weights: list[torch.Tensor], moments: SecondMoments, **opti
         start = 0
         for w in batch:
             stop = start + w.shape[0]
-            results.append(_reported(w, _row_slice(searched, start, stop), moments, group, objective))
+            results.append(_reported(w, _row_slice(searched, start, stop), moments, options))
             start = stop
         batch.clear()
 
