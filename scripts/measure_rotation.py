@@ -84,7 +84,6 @@ ROWS: dict[str, Row] = {
     "hadamard-gptq-32": row("hadamard", gptq=True, nsamples=32),  # 4x the CPU calibration tokens
     "hadamard-nosmooth-gptq": row("hadamard", smooth="none", gptq=True),
     "hadamard-capped-gptq": row("hadamard", max_column_growth=1.0, gptq=True),
-    "hadamard-capped-gptq-refine": row("hadamard", max_column_growth=1.0, gptq=True, refine=True),
     "hadamard-novo-gptq": row("hadamard", value_heads=False, gptq=True),
     "random-gptq": row("random", gptq=True),
     "random-nosmooth-gptq": row("random", smooth="none", gptq=True),
@@ -113,9 +112,9 @@ def _online_adapter(adapter: Adapter) -> Adapter:
     return dataclasses.replace(adapter, inputs=inputs)
 
 
-def prepare(model: nn.Module, adapter: Adapter, spec_row: Row, seed: int) -> None:
+def prepare(model: nn.Module, adapter: Adapter, spec_row: Row, seed: int, device: str) -> None:
     """The float model as the row's stages see it: rotated, optionally with online down rotation."""
-    rotate_model(model, adapter, spec_row.rotate, seed, value_heads=spec_row.value_heads)
+    rotate_model(model, adapter, spec_row.rotate, seed, value_heads=spec_row.value_heads, device=device)
     if spec_row.online_down:
         q = rotation_matrix("hadamard", model.config.intermediate_size, seed + 2)
         for layer in decoder_layers(model, adapter):
@@ -142,7 +141,7 @@ def quantize_row(spec: str, base: Recipe, spec_row: Row, work: Path, seed: int, 
     recipe, _ = base.with_overrides(**dict(spec_row.recipe)).resolved(device)
     ctx = Context(work, recipe, device, Silent(), force=force)
     # the stages rotate right after loading (--rotate); the row's rotation takes that place
-    rotate = lambda model, adapter, kind, seed_: prepare(model, adapter, spec_row, seed_)
+    rotate = lambda model, adapter, kind, seed_, device: prepare(model, adapter, spec_row, seed_, device)
     wrap = _online_adapter if spec_row.online_down else (lambda a: a)
     with contextlib.ExitStack() as patches:
         for stage in (calibrate_stage, smooth_stage):
@@ -194,7 +193,7 @@ def probe_row(spec: str, base: Recipe, spec_row: Row, layers: set[int], seed: in
     recipe, _ = base.with_overrides(**dict(spec_row.recipe)).resolved(device)
     model, tokenizer, _ = load_model(spec, recipe.dtype)
     adapter = adapter_for_model(model)
-    prepare(model, adapter, spec_row, seed)
+    prepare(model, adapter, spec_row, seed, device)
     adapter = _online_adapter(adapter) if spec_row.online_down else adapter
     tokens = calibration_tokens(tokenizer, recipe.calib_data, recipe.nsamples, recipe.seqlen, recipe.seed, recipe.data_dir)
     visitor = _Probe(adapter, layers, recipe)
@@ -266,7 +265,7 @@ def main() -> None:
         spec_row, start, errors, stage_s = ROWS[name], time.time(), [], {}
         if not spec_row.quantized:
             model, tokenizer, _ = load_model(args.model, base.resolved(device)[0].dtype)
-            prepare(model, adapter_for_model(model), spec_row, args.seed)
+            prepare(model, adapter_for_model(model), spec_row, args.seed, device)
         else:
             key = f"{spec_row.rotate}-vo{int(spec_row.value_heads)}-online{int(spec_row.online_down)}-seed{args.seed}"
             model, tokenizer, errors, stage_s = quantize_row(args.model, base, spec_row, args.work / key, args.seed, args.force, device)

@@ -80,6 +80,17 @@ def test_rotated_model_computes_the_same_logits(family, kind):
     assert model.config.tie_word_embeddings is False
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rotation_on_the_gpu_gives_the_cpu_weights():
+    """The float64 GEMMs of the fold run on the GPU (a 7B model's take minutes on a CPU); the
+    weights stay on the CPU and come out as the CPU fold's."""
+    cpu, gpu = _tiny("qwen2"), _tiny("qwen2")
+    rotate_model(cpu, adapter_for("qwen2"), "hadamard", seed=0)
+    rotate_model(gpu, adapter_for("qwen2"), "hadamard", seed=0, device="cuda")
+    for (name, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
+        assert b.device.type == "cpu" and torch.allclose(a, b, rtol=0, atol=1e-6), name
+
+
 def test_rotate_none_leaves_the_model_and_other_families_are_refused():
     model = _tiny("llama")
     state = {k: v.clone() for k, v in model.state_dict().items()}
