@@ -3,6 +3,7 @@
 
     python scripts/bench_quantize.py --shape 7b --root /tmp/bench --text calib.txt
     python scripts/bench_quantize.py --shape 70b --layers 2 --root /tmp/bench70 --text calib.txt
+    python scripts/bench_quantize.py --shape 7b --layers 4 --root /tmp/bench-rot --text calib.txt --recipe rotate-gptq
 
 The model is built from its config (weights drawn on the GPU when there is one, a few input
 channels of every norm scaled up to mimic LLaMA's activation outliers) and saved once; a BPE
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--nsamples", default="128")
     parser.add_argument("--seqlen", default="2048")
     parser.add_argument("--stages", nargs="*", default=list(STAGES))
+    parser.add_argument("--recipe", help="named recipe (`dgq quantize --recipe`) for calibrate, smooth and search")
     args = parser.parse_args()
     model_dir, work, out = args.root / "model", args.root / "work", args.root / "packed"
     report_path = args.root / "bench.json"
@@ -88,13 +90,14 @@ def main() -> None:
         build(args.shape, args.layers, args.text, model_dir)
         report["build_seconds"] = time.perf_counter() - start
     report.update(shape=args.shape, layers=args.layers or SHAPES[args.shape]["num_hidden_layers"],
-                  nsamples=int(args.nsamples), seqlen=int(args.seqlen),
+                  nsamples=int(args.nsamples), seqlen=int(args.seqlen), recipe=args.recipe,
                   model_gb=sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e9)
+    named = ("--recipe", args.recipe) if args.recipe else ()
     commands = {
         "calibrate": ("calibrate", str(model_dir), "-w", str(work), "--calib-data", str(args.text),
-                      "--nsamples", args.nsamples, "--seqlen", args.seqlen),
-        "smooth": ("smooth", "-w", str(work)),
-        "search": ("search", "-w", str(work)),
+                      "--nsamples", args.nsamples, "--seqlen", args.seqlen, *named),
+        "smooth": ("smooth", "-w", str(work), *named),
+        "search": ("search", "-w", str(work), *named),
         "pack": ("pack", "-w", str(work), "-o", str(out)),
     }
     for stage in args.stages:

@@ -8,7 +8,8 @@
 Each recipe runs llm-compressor's `oneshot` on a fresh copy of the float model with the exact
 calibration windows `dgq calibrate` draws (same text, seed, count and length), then scores the
 in-memory result with dgqtool's own evaluators: compressed-tensors applies the 4-bit weights and the
-per-token int8 activations as fake quantization in the forward pass. Writes PEERS.json and PEERS.md.
+per-token int8 activations as fake quantization in the forward pass. Writes PEERS.json and PEERS.md
+after every recipe. The rotation peers (QuIP, SpinQuant) are `--recipes QuIP SpinQuant`.
 """
 
 from __future__ import annotations
@@ -39,8 +40,14 @@ def w4a8_scheme(group: int, symmetric: bool) -> dict:
 
 
 def recipes(group: int, smoothing_strength: float) -> dict[str, list]:
+    """SmoothQuant and the rotation transforms (QuIP: an online randomized Hadamard on every linear's
+    input, its inverse fused into the weight; SpinQuant R1 + R2: the residual stream and each head's
+    v -> o space rotated offline, norms fused, as `dgq --rotate hadamard`), each before GPTQ.
+    Randomized Hadamard: plain Hadamard needs powers of two; SmolLM2's 576 = 36 x 16 and 1536 = 12 x 128
+    are in compressed-tensors' table."""
     from llmcompressor.modifiers.quantization import GPTQModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+    from llmcompressor.modifiers.transform import QuIPModifier, SpinQuantModifier
 
     def gptq(symmetric: bool) -> GPTQModifier:
         return GPTQModifier(config_groups=w4a8_scheme(group, symmetric), ignore=["lm_head"])
@@ -48,12 +55,23 @@ def recipes(group: int, smoothing_strength: float) -> dict[str, list]:
     def smooth() -> SmoothQuantModifier:
         return SmoothQuantModifier(smoothing_strength=smoothing_strength)
 
-    return {
-        "llm-compressor GPTQ, symmetric": [gptq(True)],
-        "llm-compressor GPTQ, asymmetric": [gptq(False)],
-        "llm-compressor SmoothQuant + GPTQ, symmetric": [smooth(), gptq(True)],
-        "llm-compressor SmoothQuant + GPTQ, asymmetric": [smooth(), gptq(False)],
-    }
+    def quip() -> QuIPModifier:
+        return QuIPModifier(rotations=["v"], transform_type="random-hadamard", ignore="lm_head")
+
+    def spinquant(*rotations: str) -> SpinQuantModifier:
+        return SpinQuantModifier(rotations=list(rotations), transform_type="random-hadamard")
+
+    table = {}
+    for symmetry, symmetric in (("asymmetric", False), ("symmetric", True)):  # asymmetric first: the stronger peers
+        table |= {
+            f"llm-compressor GPTQ, {symmetry}": [gptq(symmetric)],
+            f"llm-compressor SmoothQuant + GPTQ, {symmetry}": [smooth(), gptq(symmetric)],
+            f"llm-compressor QuIP (online input Hadamard) + GPTQ, {symmetry}": [quip(), gptq(symmetric)],
+            f"llm-compressor SpinQuant R1 R2 (offline) + GPTQ, {symmetry}": [spinquant("R1", "R2"), gptq(symmetric)],
+        }
+    # R4: an online Hadamard on down_proj's input, the rotation dgq measured but does not build
+    table["llm-compressor SpinQuant R1 R2 R4 + GPTQ, asymmetric"] = [spinquant("R1", "R2", "R4"), gptq(False)]
+    return table
 
 
 def main() -> None:
@@ -62,7 +80,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("results/peers"))
     parser.add_argument("--tasks", nargs="+", default=["wikitext2"])
-    parser.add_argument("--recipes", nargs="*", help="subset of recipe names (substring match)")
+    parser.add_argument("--recipes", nargs="*", help="subset of recipe names (substring match, any of them)")
     parser.add_argument("--calib-data", default="ptb")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)

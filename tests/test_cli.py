@@ -247,6 +247,32 @@ def test_shipped_configs_load():
     assert recipes["smollm2-g64-capped"].max_column_growth == 1.0
 
 
+def test_named_recipes_are_the_base_that_configs_and_flags_override(monkeypatch, tmp_path):
+    """--recipe NAME (or a config's `recipe:`) sets its fields, the file's other keys and the flags
+    override them; every shipped config names `recipe: paper`, so flipping DEFAULT_PRESET changes
+    only runs that name no recipe."""
+    from dgqtool import recipe as r
+    from dgqtool.errors import DGQError
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert r.load_config(None) == r.Recipe() and r.Recipe().recipe == "paper" and not r.Recipe().gptq
+    rotated = r.load_config(None, "rotate-gptq")
+    assert (rotated.recipe, rotated.rotate, rotated.gptq, rotated.max_column_growth) == ("rotate-gptq", "hadamard", True, None)
+    capped = r.load_config(str(configs[0].with_name("smollm2-g64.yaml")), "rotate-capped-gptq")  # the file says paper
+    assert (capped.rotate, capped.gptq, capped.max_column_growth, capped.group) == ("hadamard", True, 1.0, 64)
+    (tmp_path / "mine.yaml").write_text("recipe: rotate-gptq\ngroup: 64\ngptq: false\n")
+    mine = r.load_config(str(tmp_path / "mine.yaml"))
+    assert (mine.rotate, mine.gptq, mine.group) == ("hadamard", False, 64)
+    assert r.load_config(str(tmp_path / "mine.yaml"), "paper").rotate == "none"
+    with pytest.raises(DGQError, match="--recipe must be one of paper, rotate-gptq, rotate-capped-gptq; got 'best'"):
+        r.load_config(None, "best")
+    before = {path.stem: r.load_config(str(path)) for path in configs}
+    monkeypatch.setattr(r, "DEFAULT_PRESET", "rotate-gptq")
+    assert r.load_config(None) == rotated
+    assert {path.stem: r.load_config(str(path)) for path in configs} == before
+    assert all(recipe.recipe == "paper" for recipe in before.values())
+
+
 def test_capped_smoothing_keeps_every_column_within_the_cap(tiny_llama, corpus_file, tmp_path):
     work = tmp_path / "w"
     assert dgq("calibrate", tiny_llama, "-w", work, "--calib-data", corpus_file, *SMALL[:4]).exit_code == 0

@@ -80,6 +80,17 @@ def test_rotated_model_computes_the_same_logits(family, kind):
     assert model.config.tie_word_embeddings is False
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rotation_on_the_gpu_gives_the_cpu_weights():
+    """The float64 GEMMs of the fold run on the GPU (a 7B model's take minutes on a CPU); the
+    weights stay on the CPU and come out as the CPU fold's."""
+    cpu, gpu = _tiny("qwen2"), _tiny("qwen2")
+    rotate_model(cpu, adapter_for("qwen2"), "hadamard", seed=0)
+    rotate_model(gpu, adapter_for("qwen2"), "hadamard", seed=0, device="cuda")
+    for (name, a), b in zip(cpu.state_dict().items(), gpu.state_dict().values()):
+        assert b.device.type == "cpu" and torch.allclose(a, b, rtol=0, atol=1e-6), name
+
+
 def test_rotate_none_leaves_the_model_and_other_families_are_refused():
     model = _tiny("llama")
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -113,22 +124,25 @@ def test_rotation_lowers_the_searched_error_on_outlier_channels():
 
 
 def test_rotated_checkpoint_verifies_and_round_trips(tiny_llama, tiny_opt, corpus_file, tmp_path):
-    """`--rotate hadamard` end to end on the tied tiny LLaMA: quantize + verify (integer = float
-    path, logits against the unrotated original), the packed codes load back bit-exact, and the
-    checkpoint says it is rotated with nothing to apply at run time."""
+    """`--recipe rotate-gptq` (Hadamard + GPTQ) end to end on the tied tiny LLaMA: quantize + verify
+    (integer = float path, logits against the unrotated original), the packed codes load back
+    bit-exact, the checkpoint says it is rotated with nothing to apply at run time, and its
+    compressed-tensors export loads back untied with the same codes and outputs."""
+    pytest.importorskip("compressed_tensors")
     from safetensors.torch import load_file
     from typer.testing import CliRunner
 
-    from dgqtool.checkpoint import load_checkpoint
+    from dgqtool.checkpoint import load_checkpoint, load_compressed_tensors
     from dgqtool.cli import app
     from dgqtool.format import linear_weight
 
     out = tmp_path / "rotated"
-    common = ["--calib-data", str(corpus_file), "--nsamples", "4", "--seqlen", "64", "--group", "32", "--grid1", "4", "--grid2", "4", "--rotate", "hadamard"]
-    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "-o", str(out), *common, "--gptq"])
+    common = ["--calib-data", str(corpus_file), "--nsamples", "4", "--seqlen", "64", "--group", "32", "--grid1", "4", "--grid2", "4"]
+    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "-o", str(out), *common, "--recipe", "rotate-gptq",
+                                      "--export", "compressed-tensors"])
     assert result.exit_code == 0, result.output
     assert "logits vs original" in result.output and "fail" not in result.output.lower()
-    model, _, q = load_checkpoint(out)
+    model, tokenizer, q = load_checkpoint(out)
     assert q["rotation"] == {"kind": "hadamard", "seed": 0, "online": "none"}
     assert model.config.tie_word_embeddings is False
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
@@ -137,5 +151,16 @@ def test_rotated_checkpoint_verifies_and_round_trips(tiny_llama, tiny_opt, corpu
     for name in ("self_attn.v_proj", "mlp.down_proj"):
         expected, got = linear_weight(name, searched), model.model.layers[1].get_submodule(name).quantized_weight()
         assert torch.equal(got.codes, expected.codes) and torch.equal(got.s2, expected.s2)
-    refused = CliRunner().invoke(app, ["quantize", str(tiny_opt), "-o", str(tmp_path / "opt"), *common])
+    export = out.with_name("rotated-compressed-tensors")
+    assert "lm_head.weight" in load_file(str(export / "model.safetensors"))  # stored untied
+    exported, _, _ = load_compressed_tensors(export)
+    assert exported.config.tie_word_embeddings is False and bool((exported.model.norm.weight == 1).all())
+    assert exported.lm_head.weight.data_ptr() != exported.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(exported.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(exported.model.layers[1].mlp.down_proj.qweight, model.model.layers[1].mlp.down_proj.qweight)
+    ids = tokenizer("the red house of the old river is open", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = model(ids).logits.float(), exported(ids).logits.float()
+    assert torch.equal(a.argmax(-1), b.argmax(-1)) and (a - b).norm() / a.norm() < 1e-2
+    refused = CliRunner().invoke(app, ["quantize", str(tiny_opt), "-o", str(tmp_path / "opt"), *common, "--rotate", "hadamard"])
     assert refused.exit_code == 2 and "error: rotation needs an RMSNorm model family; opt" in refused.output

@@ -43,6 +43,8 @@ def test_piqa_accuracy_equals_a_direct_computation(tiny_llama):
         hits_norm += int(max(range(2), key=norm.__getitem__) == label)
     assert scores["samples"] == limit
     assert scores["acc"] == pytest.approx(hits / limit) and scores["acc_norm"] == pytest.approx(hits_norm / limit)
+    for name, p in (("acc", hits / limit), ("acc_norm", hits_norm / limit)):  # lm-eval's sample standard error
+        assert scores[f"{name}_stderr"] == pytest.approx((p * (1 - p) / (limit - 1)) ** 0.5)
 
 
 def _write_local_tasks(root):

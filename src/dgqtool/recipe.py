@@ -21,6 +21,16 @@ CPU_DEFAULTS = {"nsamples": 8, "seqlen": 512, "grid2": 20, "dtype": "float32"}
 CALIBRATE, SMOOTH, SEARCH = "calibrate", "smooth", "search"
 LOADS_MODEL = (CALIBRATE, SEARCH)  # commands that read the float model
 
+# Named recipes (`--recipe NAME`): the fields each one sets; a config file and flags override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},  # the DGQ paper's method: the field defaults below
+    "rotate-gptq": {"rotate": "hadamard", "gptq": True},
+    "rotate-capped-gptq": {"rotate": "hadamard", "max_column_growth": 1.0, "gptq": True},
+}
+# What `dgq quantize` runs without --recipe / a config's `recipe:`. Becomes the best measured preset
+# once the all-windows GPU table has it (docs/rotation.md), with its README results row.
+DEFAULT_PRESET = "paper"
+
 
 def _option(default: Any, help: str, commands: tuple[str, ...], choices: tuple | None = None,
             low: float | None = None, high: float | None = None, open_low: bool = False) -> Any:
@@ -31,6 +41,9 @@ def _option(default: Any, help: str, commands: tuple[str, ...], choices: tuple |
 
 @dataclass(frozen=True)
 class Recipe:
+    recipe: str = _option(DEFAULT_PRESET, "Named recipe the other options start from: paper (the DGQ paper's method), "
+                          "rotate-gptq (--rotate hadamard --gptq), rotate-capped-gptq (also --max-column-growth 1).",
+                          (CALIBRATE, SMOOTH, SEARCH), choices=tuple(PRESETS))
     scheme: str = _option("w4a8", "Quantization scheme: 4-bit weights, 8-bit activations.", (SEARCH,), choices=("w4a8",))
     calib_data: str = _option("ptb", "Calibration text: a local .txt/.json/.jsonl file, 'ptb', 'wikitext2', or a datasets name.", (CALIBRATE,))
     data_dir: str | None = _option(None, "Local data directory (else $DGQ_DATA_DIR).", (CALIBRATE,))
@@ -147,10 +160,17 @@ SMOOTH_OPTIONS = ("smooth", "percentile", "alpha", "max_column_growth")
 SEARCH_OPTIONS = ("scheme", "method", "group", "act", "grid1", "grid2", "objective", "refine", "gptq", "symmetric")
 
 
-def load_config(path: str | None) -> Recipe:
-    """A YAML recipe (configs/*.yaml): keys are Recipe fields, dashes or underscores."""
+def preset(name: str) -> Recipe:
+    """The named recipe: PRESETS[name] over the field defaults."""
+    check_value(next(f for f in fields(Recipe) if f.name == "recipe"), name)
+    return Recipe(recipe=name, **PRESETS[name])
+
+
+def load_config(path: str | None, recipe: str | None = None) -> Recipe:
+    """A YAML recipe (configs/*.yaml; keys are Recipe fields, dashes or underscores) over a named
+    recipe: `recipe` (--recipe), else the file's `recipe:` key, else DEFAULT_PRESET."""
     if path is None:
-        return Recipe()
+        return preset(recipe or DEFAULT_PRESET)
     import yaml
 
     file = Path(path)
@@ -174,6 +194,7 @@ def load_config(path: str | None) -> Recipe:
             check_value(known[name], value)
         except DGQError as exc:
             raise DGQError(f"{path}: {exc}") from None
-    recipe = Recipe(**values)
-    recipe.validate()
-    return recipe
+    named = values.pop("recipe", None)
+    result = dataclasses.replace(preset(recipe or named or DEFAULT_PRESET), **values)  # --recipe wins over the file's
+    result.validate()
+    return result

@@ -191,7 +191,7 @@ def stage_context(work: Path, config: str | None, force: bool, values: dict[str,
     from ..artifacts import lock_work_dir
     from ..stages.graph import Context, pick_device
 
-    recipe = load_config(config).with_overrides(**values)
+    recipe = load_config(config, values.get("recipe")).with_overrides(**values)
     recipe.validate()
     device = pick_device(recipe.device)
     recipe, notes = recipe.resolved(device)

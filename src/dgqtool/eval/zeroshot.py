@@ -137,7 +137,7 @@ def _mmlu_score(out: dict) -> dict:
 
 
 def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None, batch_size: int, data_dir: str | None) -> dict:
-    """{task: {"acc": ..., "acc_norm": ... (when lm-eval reports it), "samples": n}}."""
+    """{task: {"acc": ..., "acc_norm": ... (when lm-eval reports it), their "..._stderr", "samples": n}}."""
     unknown = [t for t in tasks if t not in TASK_NAMES]
     if unknown:
         raise DGQError(f"unknown zero-shot task {unknown[0]}; tasks: {', '.join(TASK_NAMES)}")
@@ -157,6 +157,7 @@ def zero_shot(model, tokenizer, tasks: list[str], *, limit: int | None, batch_si
             results[task] = _mmlu_score(out)
             continue
         metrics = out["results"][task]
-        results[task] = {name: metrics[f"{name},none"] for name in ("acc", "acc_norm") if f"{name},none" in metrics}
+        results[task] = {name: metrics[f"{name},none"] for name in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+                         if f"{name},none" in metrics}
         results[task]["samples"] = int(out["n-samples"][task]["effective"])
     return results

@@ -67,17 +67,19 @@ def _residual(model: nn.Module, adapter: Adapter) -> Residual:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, adapter: Adapter, kind: str, seed: int, value_heads: bool = True) -> None:
+def rotate_model(model: nn.Module, adapter: Adapter, kind: str, seed: int, value_heads: bool = True,
+                 device: str = "cpu") -> None:
     """Fold the norms and rotate the residual stream with `kind` (quant.rotate.KINDS), seeded;
-    value_heads also rotates each head's v -> o space. 'none' leaves the model untouched."""
+    value_heads also rotates each head's v -> o space. 'none' leaves the model untouched. The
+    float64 GEMMs run on `device`; the weights stay where they are."""
     if kind not in KINDS:
         raise DGQError(f"--rotate must be one of {', '.join(KINDS)}; got '{kind}'")
     if kind == "none":
         return
     residual = _residual(model, adapter)
     _fold_norms(model, adapter)
-    q = rotation_matrix(kind, model.config.hidden_size, seed)
-    r = rotation_matrix(kind, _head_dim(model.config), seed + 1)
+    q = rotation_matrix(kind, model.config.hidden_size, seed).to(device)
+    r = rotation_matrix(kind, _head_dim(model.config), seed + 1).to(device)
     rotate_inputs(model.get_submodule(residual.embedding).weight, q)
     rotate_inputs(model.get_submodule(residual.head).weight, q)
     for layer in decoder_layers(model, adapter):

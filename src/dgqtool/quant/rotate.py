@@ -13,7 +13,9 @@ Sylvester power of two, which covers the usual widths (576 = 36 * 16, 896 = 28 *
 largest constructible order dividing n. Random signs (H diag(s), QuaRot's randomized Hadamard)
 make the rotation depend on a seed.
 
-Pure tensor functions: matrices are built and applied in float64, so a fold is exact to fp32.
+Pure tensor functions: matrices are built and applied in float64, so a fold is exact to fp32. A
+fold runs on the rotation matrix's device (float64 GEMMs of a 7B model take minutes on a CPU and
+about a second on a GPU) and leaves the weight where it was.
 """
 
 from __future__ import annotations
@@ -117,18 +119,22 @@ def scale_inputs(weight: torch.Tensor, scale: torch.Tensor) -> None:
     weight.copy_((weight.double() * scale.double().unsqueeze(0)).to(weight.dtype))
 
 
+def _on(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return t.to(q.device, torch.float64)
+
+
 @torch.no_grad()
 def rotate_inputs(weight: torch.Tensor, q: torch.Tensor) -> None:
     """W (o, n) <- W Q: the linear reads x Q and still computes x W^T (also rotates embedding rows)."""
-    weight.copy_((weight.double() @ q.double()).to(weight.dtype))
+    weight.copy_(_on(weight, q) @ q.double())
 
 
 @torch.no_grad()
 def rotate_outputs(weight: torch.Tensor, bias: torch.Tensor | None, q: torch.Tensor) -> None:
     """W (n, i) <- Q^T W and b <- b Q: the linear writes its output already rotated."""
-    weight.copy_((q.double().T @ weight.double()).to(weight.dtype))
+    weight.copy_(q.double().T @ _on(weight, q))
     if bias is not None:
-        bias.copy_((bias.double() @ q.double()).to(bias.dtype))
+        bias.copy_(_on(bias, q) @ q.double())
 
 
 @torch.no_grad()
@@ -136,15 +142,15 @@ def rotate_head_outputs(weight: torch.Tensor, bias: torch.Tensor | None, r: torc
     """rotate_outputs with the (d, d) matrix r applied to each d-row head block of W (heads * d, i)."""
     d = r.shape[0]
     heads = weight.shape[0] // d
-    w = weight.double().reshape(heads, d, -1)
-    weight.copy_((r.double().T @ w).reshape(weight.shape).to(weight.dtype))
+    w = _on(weight, r).reshape(heads, d, -1)
+    weight.copy_((r.double().T @ w).reshape(weight.shape))
     if bias is not None:
-        bias.copy_((bias.double().reshape(heads, d) @ r.double()).reshape(-1).to(bias.dtype))
+        bias.copy_((_on(bias, r).reshape(heads, d) @ r.double()).reshape(-1))
 
 
 @torch.no_grad()
 def rotate_head_inputs(weight: torch.Tensor, r: torch.Tensor) -> None:
     """rotate_inputs with r applied to each d-column head block of W (o, heads * d)."""
     d = r.shape[0]
-    w = weight.double().reshape(weight.shape[0], -1, d)
-    weight.copy_((w @ r.double()).reshape(weight.shape).to(weight.dtype))
+    w = _on(weight, r).reshape(weight.shape[0], -1, d)
+    weight.copy_((w @ r.double()).reshape(weight.shape))

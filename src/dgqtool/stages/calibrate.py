@@ -60,7 +60,7 @@ def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -
     usage = Usage()
     model, tokenizer, source = load_model(model_spec, r.dtype, r.trust_remote_code, r.allow_pickle)
     adapter = adapter_for_model(model)
-    rotate_model(model, adapter, r.rotate, r.seed)
+    rotate_model(model, adapter, r.rotate, r.seed, device=ctx.device)
     tokens = sample_segments(tokenize(tokenizer, text), r.nsamples, r.seqlen, r.seed)
     check_context_length(model, r.seqlen)
     if planned_group is not None:

@@ -70,7 +70,7 @@ def smoothed_model(ctx: Context):
     model, tokenizer, _ = load_model(calib["options"]["model"], calib["options"]["dtype"],
                                      ctx.recipe.trust_remote_code, ctx.recipe.allow_pickle)
     adapter = adapter_for_model(model)
-    rotate_model(model, adapter, rotation_of(calib), calib["options"]["seed"])
+    rotate_model(model, adapter, rotation_of(calib), calib["options"]["seed"], device=ctx.device)
     scales = read_tensors(ctx.stage_dir("smooth") / "scales.safetensors", smooth_manifest["outputs"]["scales.safetensors"])
     apply_smoothing(model, adapter, scales)
     return model, tokenizer, adapter, scales, calib
