@@ -211,11 +211,9 @@ def by_projection(errors: list[dict]) -> dict[str, dict[str, float]]:
             for name, rows in buckets.items()}
 
 
-def zero_shot_mean(scores: dict) -> tuple[float, float] | None:
+def zero_shot_mean(scores: dict) -> tuple[float, float]:
     """Mean headline accuracy over the zero-shot tasks and its standard error (tasks independent)."""
     tasks = [s for s in scores.values() if "ppl" not in s]
-    if not tasks:
-        return None
     heads = [headline(s) for s in tasks]
     se = sum(s[f"{m}_stderr"] ** 2 for s, (m, _) in zip(tasks, heads)) ** 0.5 / len(tasks)
     return sum(v for _, v in heads) / len(tasks), se
@@ -229,7 +227,8 @@ def write_table(out: Path, tasks: list[str], results: list[dict]) -> None:
              "|---" * (len(tasks) + len(mean) + 4) + "|"]
     for r in results:
         cells = [f"{v:.2f}" if m == "ppl" else f"{v:.3f}" for m, v in (headline(r["scores"][t]) for t in tasks)]
-        cells += [f"{m:.4f} ± {se:.4f}" for m, se in [zero_shot_mean(r["scores"])] if mean]
+        if mean:
+            cells.append("{:.4f} ± {:.4f}".format(*zero_shot_mean(r["scores"])))
         stages = " / ".join(f"{v:.0f}" for v in r["stage_s"].values()) or "–"
         lines.append(f"| {r['row']} | {r['flags']} | {' | '.join(cells)} | {r['quantize_s']:.0f} | {stages} |")
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
