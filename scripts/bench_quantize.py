@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Quantize a LLaMA-2-shaped model with random weights end to end and measure every stage.
 
-    python scripts/bench_quantize.py --shape 7b --root /tmp/bench --text calib.txt
-    python scripts/bench_quantize.py --shape 70b --layers 2 --root /tmp/bench70 --text calib.txt
-    python scripts/bench_quantize.py --shape 7b --layers 4 --root /tmp/bench-rot --text calib.txt --recipe rotate-gptq
+    python scripts/bench_quantize.py --shape 7b --root /tmp/bench --text calib.txt --recipe paper
+    python scripts/bench_quantize.py --shape 70b --layers 2 --root /tmp/bench70 --text calib.txt --recipe paper
+    python scripts/bench_quantize.py --shape 7b --layers 4 --root /tmp/bench-rot --text calib.txt   # the default recipe
 
 The model is built from its config (weights drawn on the GPU when there is one, a few input
 channels of every norm scaled up to mimic LLaMA's activation outliers) and saved once; a BPE
@@ -80,7 +80,8 @@ def main() -> None:
     parser.add_argument("--nsamples", default="128")
     parser.add_argument("--seqlen", default="2048")
     parser.add_argument("--stages", nargs="*", default=list(STAGES))
-    parser.add_argument("--recipe", help="named recipe (`dgq quantize --recipe`) for calibrate, smooth and search")
+    parser.add_argument("--recipe", help="named recipe (`dgq quantize --recipe`) for calibrate, smooth and search; "
+                        "without it, dgq's default")
     args = parser.parse_args()
     model_dir, work, out = args.root / "model", args.root / "work", args.root / "packed"
     report_path = args.root / "bench.json"

@@ -2,7 +2,8 @@
 # Example CI pipeline: install, quantize the embedded default model, verify with a perplexity gate,
 # evaluate a few windows, export for vLLM (compressed-tensors). Every step writes a JSON summary
 # to $OUT/*.json and fails the job with dgq's exit code (2 bad input, 3 verification, 1 internal).
-#   scripts/ci_pipeline.sh                      # SmolLM2-135M, CPU-sized settings, ~6 min on 2 cores
+#   scripts/ci_pipeline.sh                      # SmolLM2-135M, CPU-sized settings, the default recipe
+#                                               # (~6 min on 2 cores measured with the paper recipe, before rotation + GPTQ)
 #   MODEL=path/to/model CALIB_DATA=text.txt SKIP_INSTALL=1 scripts/ci_pipeline.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

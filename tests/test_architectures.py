@@ -22,7 +22,8 @@ from dgqtool.stages.smooth import apply_smoothing
 from smoothing_scales import random_smoothing_scales
 
 runner = CliRunner()
-SMALL = ["--nsamples", "4", "--seqlen", "64", "--group", "32"]
+# The paper recipe: these tests are about the CLI, not the default recipe (tests/test_rotate.py runs that).
+SMALL = ["--nsamples", "4", "--seqlen", "64", "--group", "32", "--recipe", "paper"]
 ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

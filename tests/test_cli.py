@@ -16,7 +16,8 @@ from dgqtool.nn.dgq_linear import DGQLinear, GroupW4A8Linear
 from dgqtool.format import linear_weight
 
 runner = CliRunner()
-SMALL = ["--nsamples", "4", "--seqlen", "64", "--group", "32"]
+# The paper recipe: these tests are about the CLI, not the default recipe (tests/test_rotate.py runs that).
+SMALL = ["--nsamples", "4", "--seqlen", "64", "--group", "32", "--recipe", "paper"]
 
 
 def dgq(*args: str):
@@ -250,23 +251,28 @@ def test_shipped_configs_load():
 def test_named_recipes_are_the_base_that_configs_and_flags_override(monkeypatch, tmp_path):
     """--recipe NAME (or a config's `recipe:`) sets its fields, the file's other keys and the flags
     override them; every shipped config names `recipe: paper`, so flipping DEFAULT_PRESET changes
-    only runs that name no recipe."""
+    only runs that name no recipe. The default is the best row of the all-windows table:
+    --rotate hadamard (auto) --gptq --max-column-growth 1."""
     from dgqtool import recipe as r
     from dgqtool.errors import DGQError
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert r.load_config(None) == r.Recipe() and r.Recipe().recipe == "paper" and not r.Recipe().gptq
+    default = r.load_config(None)
+    assert (default.recipe, default.rotate, default.gptq, default.max_column_growth) == ("rotate-capped-gptq", "auto", True, 1.0)
+    assert r.load_config(None, "paper") == r.Recipe() and r.Recipe().recipe == "paper" and not r.Recipe().gptq
     rotated = r.load_config(None, "rotate-gptq")
-    assert (rotated.recipe, rotated.rotate, rotated.gptq, rotated.max_column_growth) == ("rotate-gptq", "hadamard", True, None)
+    assert (rotated.recipe, rotated.rotate, rotated.gptq, rotated.max_column_growth) == ("rotate-gptq", "auto", True, None)
     capped = r.load_config(str(configs[0].with_name("smollm2-g64.yaml")), "rotate-capped-gptq")  # the file says paper
-    assert (capped.rotate, capped.gptq, capped.max_column_growth, capped.group) == ("hadamard", True, 1.0, 64)
+    assert (capped.rotate, capped.gptq, capped.max_column_growth, capped.group) == ("auto", True, 1.0, 64)
     (tmp_path / "mine.yaml").write_text("recipe: rotate-gptq\ngroup: 64\ngptq: false\n")
     mine = r.load_config(str(tmp_path / "mine.yaml"))
-    assert (mine.rotate, mine.gptq, mine.group) == ("hadamard", False, 64)
+    assert (mine.rotate, mine.gptq, mine.group) == ("auto", False, 64)
     assert r.load_config(str(tmp_path / "mine.yaml"), "paper").rotate == "none"
     with pytest.raises(DGQError, match="--recipe must be one of paper, rotate-gptq, rotate-capped-gptq; got 'best'"):
         r.load_config(None, "best")
     before = {path.stem: r.load_config(str(path)) for path in configs}
+    with pytest.raises(DGQError, match="recipe rotate-capped-gptq sets it; --recipe rotate-gptq or paper has none"):
+        default.with_overrides(act="static").validate()
     monkeypatch.setattr(r, "DEFAULT_PRESET", "rotate-gptq")
     assert r.load_config(None) == rotated
     assert {path.stem: r.load_config(str(path)) for path in configs} == before
@@ -275,11 +281,11 @@ def test_named_recipes_are_the_base_that_configs_and_flags_override(monkeypatch,
 
 def test_capped_smoothing_keeps_every_column_within_the_cap(tiny_llama, corpus_file, tmp_path):
     work = tmp_path / "w"
-    assert dgq("calibrate", tiny_llama, "-w", work, "--calib-data", corpus_file, *SMALL[:4]).exit_code == 0
+    assert dgq("calibrate", tiny_llama, "-w", work, "--calib-data", corpus_file, *SMALL[:4], "--recipe", "paper").exit_code == 0
     stats = load_file(work / "calibrate" / "stats.safetensors")
 
     def smoothing(*flags: str) -> dict[str, torch.Tensor]:
-        result = dgq("smooth", "-w", work, "--percentile", "10", *flags)  # 0.5 % of 64 channels is only the top one
+        result = dgq("smooth", "-w", work, "--percentile", "10", "--recipe", "paper", *flags)  # 0.5 % of 64 channels is only the top one
         assert result.exit_code == 0, result.output
         return {n: k for n, k in load_file(work / "smooth" / "scales.safetensors").items() if n.endswith(".smooth")}
 

@@ -72,7 +72,7 @@ def test_eval_command_on_a_checkpoint_and_a_float_model(tiny_llama, corpus_file,
     runner = CliRunner()
     ckpt = tmp_path / "ckpt"
     assert runner.invoke(app, ["quantize", str(tiny_llama), "-o", str(ckpt), "--calib-data", str(corpus_file),
-                               "--nsamples", "4", "--seqlen", "64", "--group", "32", "--no-verify"]).exit_code == 0
+                               "--nsamples", "4", "--seqlen", "64", "--group", "32", "--recipe", "paper", "--no-verify"]).exit_code == 0
     data = tmp_path / "data" / "wikitext2"
     data.mkdir(parents=True)
     (data / "wiki.test.raw").write_text(corpus_file.read_text())

@@ -36,7 +36,7 @@ def work_dirs(tiny_llama, corpus_file, tmp_path_factory):
     for method in ("groupwise", "dgq"):
         result = CliRunner().invoke(app, [str(a) for a in (
             "quantize", tiny_llama, "-o", root / method, "--calib-data", corpus_file, "--nsamples", "4",
-            "--seqlen", "64", "--group", "32", "--grid1", "6", "--grid2", "6", "--method", method, "--no-verify")])
+            "--seqlen", "64", "--group", "32", "--grid1", "6", "--grid2", "6", "--method", method, "--recipe", "paper", "--no-verify")])
         assert result.exit_code == 0, result.output
     return root / "groupwise.work", root / "dgq.work"
 

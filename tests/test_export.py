@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def quantized(tiny_llama, corpus_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "ckpt"
     result = runner.invoke(app, ["--json", "quantize", str(tiny_llama), "-o", str(out), "--calib-data", str(corpus_file),
-                                 "--nsamples", "4", "--seqlen", "64", "--group", "32", "--dtype", "float16",
+                                 "--nsamples", "4", "--seqlen", "64", "--group", "32", "--dtype", "float16", "--recipe", "paper",
                                  "--export", "compressed-tensors"])
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout.strip().splitlines()[-1])
@@ -181,7 +181,7 @@ def test_symmetric_quantize_exports_the_symmetric_scheme(tiny_llama, corpus_file
     passes, the export says symmetric and loads back with the same codes."""
     out = tmp_path / "ckpt"
     result = runner.invoke(app, ["--json", "quantize", str(tiny_llama), "-o", str(out), "--calib-data", str(corpus_file),
-                                 "--nsamples", "4", "--seqlen", "64", "--group", "32", "--symmetric",
+                                 "--nsamples", "4", "--seqlen", "64", "--group", "32", "--symmetric", "--recipe", "paper",
                                  "--export", "compressed-tensors"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])

@@ -27,7 +27,7 @@ from dgqtool.cli import app
 from dgqtool.errors import DGQError
 
 runner = CliRunner()
-ARGS = ["--nsamples", "4", "--seqlen", "64", "--group", "32", "--no-verify"]
+ARGS = ["--nsamples", "4", "--seqlen", "64", "--group", "32", "--recipe", "paper", "--no-verify"]  # the default recipe is incidental here
 
 # Runs `dgq` in a child that SIGKILLs itself just before the rename that would publish the
 # target artifact: the temporary file is complete, the final name not yet written.

@@ -134,7 +134,7 @@ def test_remote_code_is_never_run(packed, tmp_path, monkeypatch):
 def test_channelwise_checkpoint_records_one_group_per_row(tiny_opt, corpus_file, tmp_path):
     out = tmp_path / "cw"
     result = CliRunner().invoke(app, ["quantize", str(tiny_opt), "-o", str(out), "--calib-data", str(corpus_file),
-                                      "--nsamples", "2", "--seqlen", "32", "--method", "channelwise", "--group", "32", "--no-verify"])
+                                      "--nsamples", "2", "--seqlen", "32", "--method", "channelwise", "--group", "32", "--recipe", "paper", "--no-verify"])
     assert result.exit_code == 0, result.output
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["group_size"] == -1 and q["format"] == "w4-group"

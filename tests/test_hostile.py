@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from dgqtool.cli import app
 
 runner = CliRunner()
-SMALL = ["--nsamples", "4", "--seqlen", "64", "--group", "32"]
+# The paper recipe: these tests are about the CLI, not the default recipe (tests/test_rotate.py runs that).
+SMALL = ["--nsamples", "4", "--seqlen", "64", "--group", "32", "--recipe", "paper"]
 
 
 def dgq(*args) -> object:

@@ -1,5 +1,7 @@
 """Rotations (quant/rotate.py) and their fold into models (models/rotation.py): exact checks."""
 
+import json
+
 import pytest
 import torch
 
@@ -138,9 +140,13 @@ def test_rotated_checkpoint_verifies_and_round_trips(tiny_llama, tiny_opt, corpu
 
     out = tmp_path / "rotated"
     common = ["--calib-data", str(corpus_file), "--nsamples", "4", "--seqlen", "64", "--group", "32", "--grid1", "4", "--grid2", "4"]
-    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "-o", str(out), *common, "--recipe", "rotate-gptq",
-                                      "--export", "compressed-tensors"])
+    # no --recipe: the default, rotate-capped-gptq, rotates (auto: LLaMA has an RMSNorm stream)
+    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "-o", str(out), *common, "--export", "compressed-tensors"])
     assert result.exit_code == 0, result.output
+    stages = {name: json.loads((out.with_name("rotated.work") / name / "manifest.json").read_text())
+              for name in ("calibrate", "smooth", "search")}
+    assert (stages["calibrate"]["options"]["rotate"], stages["calibrate"]["rotation"]) == ("auto", "hadamard")
+    assert stages["smooth"]["options"]["max_column_growth"] == 1.0 and stages["search"]["options"]["gptq"] is True
     assert "logits vs original" in result.output and "fail" not in result.output.lower()
     model, tokenizer, q = load_checkpoint(out)
     assert q["rotation"] == {"kind": "hadamard", "seed": 0, "online": "none"}
@@ -164,3 +170,6 @@ def test_rotated_checkpoint_verifies_and_round_trips(tiny_llama, tiny_opt, corpu
     assert torch.equal(a.argmax(-1), b.argmax(-1)) and (a - b).norm() / a.norm() < 1e-2
     refused = CliRunner().invoke(app, ["quantize", str(tiny_opt), "-o", str(tmp_path / "opt"), *common, "--rotate", "hadamard"])
     assert refused.exit_code == 2 and "error: rotation needs an RMSNorm model family; opt" in refused.output
+    unrotated = CliRunner().invoke(app, ["quantize", str(tiny_opt), "-o", str(tmp_path / "opt"), *common, "--no-verify"])
+    assert unrotated.exit_code == 0 and "--rotate auto: opt has no RMSNorm residual stream to rotate" in unrotated.output
+    assert load_checkpoint(tmp_path / "opt")[2]["rotation"]["kind"] == "none"

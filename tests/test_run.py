@@ -35,7 +35,7 @@ class FloatReference(torch.nn.Module):
 def checkpoint(tiny_llama, corpus_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "ckpt"
     result = runner.invoke(app, ["quantize", str(tiny_llama), "-o", str(out), "--calib-data", str(corpus_file),
-                                 "--nsamples", "4", "--seqlen", "64", "--group", "32", "--no-verify"])
+                                 "--nsamples", "4", "--seqlen", "64", "--group", "32", "--recipe", "paper", "--no-verify"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -120,7 +120,7 @@ def test_cuda_graph_decoding_matches_generate_on_the_kernel_path(checkpoint):
 def static_opt_checkpoint(tiny_opt, corpus_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("run_opt") / "ckpt"
     result = runner.invoke(app, ["quantize", str(tiny_opt), "-o", str(out), "--calib-data", str(corpus_file),
-                                 "--nsamples", "4", "--seqlen", "64", "--group", "32", "--act", "static", "--no-verify"])
+                                 "--nsamples", "4", "--seqlen", "64", "--group", "32", "--act", "static", "--recipe", "paper", "--no-verify"])
     assert result.exit_code == 0, result.output
     return out
 

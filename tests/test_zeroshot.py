@@ -75,7 +75,7 @@ def _write_local_tasks(root):
 def test_eval_command_runs_zero_shot_tasks_on_a_checkpoint(tiny_llama, corpus_file, tmp_path):
     ckpt = tmp_path / "ckpt"
     assert runner.invoke(app, ["quantize", str(tiny_llama), "-o", str(ckpt), "--calib-data", str(corpus_file),
-                               "--nsamples", "4", "--seqlen", "64", "--group", "32", "--no-verify"]).exit_code == 0
+                               "--nsamples", "4", "--seqlen", "64", "--group", "32", "--recipe", "paper", "--no-verify"]).exit_code == 0
     _write_local_tasks(tmp_path / "data")
     result = runner.invoke(app, ["--json", "eval", str(ckpt), "--task", "arc_easy", "--task", "boolq", "--task", "winogrande",
                                  "--task", "hellaswag", "--task", "mmlu", "--data-dir", str(tmp_path / "data")])

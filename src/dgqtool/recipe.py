@@ -24,12 +24,13 @@ LOADS_MODEL = (CALIBRATE, SEARCH)  # commands that read the float model
 # Named recipes (`--recipe NAME`): the fields each one sets; a config file and flags override them.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},  # the DGQ paper's method: the field defaults below
-    "rotate-gptq": {"rotate": "hadamard", "gptq": True},
-    "rotate-capped-gptq": {"rotate": "hadamard", "max_column_growth": 1.0, "gptq": True},
+    # 'auto' rotates by a Hadamard matrix where the family allows it (RMSNorm), so these run on every family.
+    "rotate-gptq": {"rotate": "auto", "gptq": True},
+    "rotate-capped-gptq": {"rotate": "auto", "max_column_growth": 1.0, "gptq": True},
 }
-# What `dgq quantize` runs without --recipe / a config's `recipe:`. Becomes the best measured preset
-# once the all-windows GPU table has it (docs/rotation.md), with its README results row.
-DEFAULT_PRESET = "paper"
+# What `dgq quantize` runs without --recipe / a config's `recipe:`: the best DGQ-format recipe of the
+# all-windows H200 table (docs/results.md; SmolLM2-135M g64 25.01 / 45.43 against the paper's 27.34 / 51.92).
+DEFAULT_PRESET = "rotate-capped-gptq"
 
 
 def _option(default: Any, help: str, commands: tuple[str, ...], choices: tuple | None = None,
@@ -41,8 +42,9 @@ def _option(default: Any, help: str, commands: tuple[str, ...], choices: tuple |
 
 @dataclass(frozen=True)
 class Recipe:
-    recipe: str = _option(DEFAULT_PRESET, "Named recipe the other options start from: paper (the DGQ paper's method), "
-                          "rotate-gptq (--rotate hadamard --gptq), rotate-capped-gptq (also --max-column-growth 1).",
+    # The field defaults are the paper's method, hence its name here; DEFAULT_PRESET is what the CLI starts from.
+    recipe: str = _option("paper", "Named recipe the other options start from: paper (the DGQ paper's method), "
+                          "rotate-gptq (--rotate auto --gptq), rotate-capped-gptq (also --max-column-growth 1).",
                           (CALIBRATE, SMOOTH, SEARCH), choices=tuple(PRESETS))
     scheme: str = _option("w4a8", "Quantization scheme: 4-bit weights, 8-bit activations.", (SEARCH,), choices=("w4a8",))
     calib_data: str = _option("ptb", "Calibration text: a local .txt/.json/.jsonl file, 'ptb', 'wikitext2', or a datasets name.", (CALIBRATE,))
@@ -51,8 +53,8 @@ class Recipe:
     seqlen: int | None = _option(None, "Tokens per calibration segment.", (CALIBRATE,), low=1, high=1_000_000)
     seed: int = _option(0, "Seed of the calibration sampling (and of the rotation's signs).", (CALIBRATE,), low=0)
     rotate: str = _option("none", "Rotate the residual stream by a Hadamard matrix, folded into the float weights "
-                          "before calibration (RMSNorm families; the runtime applies nothing).", (CALIBRATE,),
-                          choices=("none", "hadamard"))
+                          "before calibration (RMSNorm families; the runtime applies nothing); auto: hadamard "
+                          "where the family allows it, else none.", (CALIBRATE,), choices=("none", "hadamard", "auto"))
     dtype: str | None = _option(None, "Float dtype the model is loaded in.", (CALIBRATE,), choices=("float32", "float16", "bfloat16"))
     device: str = _option("auto", "auto | cpu | cuda[:N].", LOADS_MODEL)
     batch_size: int = _option(4, "Calibration segments per forward.", LOADS_MODEL, low=1, high=1_000_000)
@@ -98,10 +100,13 @@ class Recipe:
         """Type and range of every field, so bad values fail before the first stage runs."""
         for f in fields(self):
             check_value(f, getattr(self, f.name))
+        # The recipe's cap (the default's) is no user flag: say which recipe to pick instead.
+        named = (f" (recipe {self.recipe} sets it; --recipe rotate-gptq or paper has none)"
+                 if self.max_column_growth == PRESETS[self.recipe].get("max_column_growth") else "")
         if self.max_column_growth is not None and self.smooth == "none":
-            raise DGQError("--max-column-growth caps smoothing, but --smooth is none")
+            raise DGQError(f"--max-column-growth caps smoothing, but --smooth is none{named}")
         if self.max_column_growth is not None and self.act == "static":
-            raise DGQError("--max-column-growth is for dynamic activations (with --act static it breaks the model)")
+            raise DGQError(f"--max-column-growth is for dynamic activations (with --act static it breaks the model){named}")
 
     def subset(self, names: tuple[str, ...]) -> dict[str, Any]:
         return {name: getattr(self, name) for name in names}
@@ -141,13 +146,22 @@ def check_value(f: dataclasses.Field, value: Any) -> None:
             raise DGQError(f"{name} must be {bound}; got {value}")
 
 
+def _shown(name: str, value: Any) -> str | None:
+    if value is None:
+        return "off" if name == "max_column_growth" else None
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def default_text(f: dataclasses.Field) -> str | None:
-    """The default as help shows it, device-dependent ones with both values."""
+    """The default as help shows it: device-dependent ones with both values, those the default
+    recipe sets with the paper's value too."""
     if f.name in GPU_DEFAULTS:
         return f"GPU {GPU_DEFAULTS[f.name]}, CPU {CPU_DEFAULTS[f.name]}"
-    if f.default is None:
-        return "off" if f.name == "max_column_growth" else None
-    return str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+    if f.name == "recipe":
+        return DEFAULT_PRESET
+    if f.name in PRESETS[DEFAULT_PRESET]:
+        return f"{_shown(f.name, PRESETS[DEFAULT_PRESET][f.name])}; --recipe paper: {_shown(f.name, f.default)}"
+    return _shown(f.name, f.default)
 
 
 def options_for(command: str) -> list[dataclasses.Field]:

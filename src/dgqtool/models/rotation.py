@@ -66,6 +66,13 @@ def _residual(model: nn.Module, adapter: Adapter) -> Residual:
     return adapter.residual
 
 
+def resolve_rotation(kind: str, adapter: Adapter) -> str:
+    """--rotate's value as applied: 'auto' is hadamard where the family has a residual entry, else none."""
+    if kind != "auto":
+        return kind
+    return "hadamard" if adapter.residual is not None else "none"
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, adapter: Adapter, kind: str, seed: int, value_heads: bool = True,
                  device: str = "cpu") -> None:

@@ -13,7 +13,7 @@ from ..corpora import load_corpus, tokenize
 from ..errors import DGQError
 from ..fingerprints import text_digest
 from ..models.adapters import Adapter, adapter_for_model, can_fold, check_group_size, decoder_layers
-from ..models.rotation import rotate_model
+from ..models.rotation import resolve_rotation, rotate_model
 from ..models.load import canonical_spec, check_context_length, load_model, model_digest
 from ..recipe import CALIBRATE_OPTIONS
 from ..resources import Usage
@@ -60,7 +60,10 @@ def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -
     usage = Usage()
     model, tokenizer, source = load_model(model_spec, r.dtype, r.trust_remote_code, r.allow_pickle)
     adapter = adapter_for_model(model)
-    rotate_model(model, adapter, r.rotate, r.seed, device=ctx.device)
+    rotation = resolve_rotation(r.rotate, adapter)
+    if rotation != r.rotate and rotation == "none":
+        ctx.reporter.info(f"--rotate auto: {model.config.model_type} has no RMSNorm residual stream to rotate; not rotating")
+    rotate_model(model, adapter, rotation, r.seed, device=ctx.device)
     tokens = sample_segments(tokenize(tokenizer, text), r.nsamples, r.seqlen, r.seed)
     check_context_length(model, r.seqlen)
     if planned_group is not None:
@@ -87,6 +90,6 @@ def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -
     digest = write_tensors(ctx.stage_dir("calibrate") / "stats.safetensors", {"tokens": tokens, **stats})
     return write_manifest(
         ctx.stage_dir("calibrate"), "calibrate", options, inputs, {"stats.safetensors": digest},
-        model_type=model.config.model_type, source=source.describe(), foldable=foldable,
+        model_type=model.config.model_type, source=source.describe(), rotation=rotation, foldable=foldable,
         num_layers=len(layers), expert_tokens=routed, resources=usage.snapshot(),
     )

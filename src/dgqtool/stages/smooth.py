@@ -57,8 +57,8 @@ def apply_smoothing(model: nn.Module, adapter: Adapter, scales: dict[str, torch.
 
 
 def rotation_of(calib: dict) -> str:
-    """The rotation the calibrate stage applied (work directories from before --rotate: none)."""
-    return calib["options"].get("rotate", "none")
+    """The rotation the calibrate stage applied ('auto' resolved; work directories from before --rotate: none)."""
+    return calib.get("rotation", calib["options"].get("rotate", "none"))
 
 
 def smoothed_model(ctx: Context):
