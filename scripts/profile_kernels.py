@@ -20,7 +20,7 @@ from dgqtool.quant.dual_grained import pack_nibbles, random_dual_grained
 
 
 def trace_launch(lib, launch) -> None:
-    """One launch with the kernel's per-block trace on: where a block's time goes, in µs."""
+    """One launch with the kernel's per-unit trace on: where a unit's time goes, in µs."""
     import ctypes
 
     trace = torch.zeros(6 << 20, dtype=torch.int64, device="cuda")
@@ -40,7 +40,7 @@ def trace_launch(lib, launch) -> None:
     life = (rec[:, 5] - rec[:, 1]) / 1e3
     busy = torch.zeros(int(rec[:, 0].max()) + 1, dtype=torch.float64).index_add_(0, rec[:, 0].long(), life)
     first = (rec[:, 1] - t0) / 1e3
-    print(f"  trace: {len(rec)} blocks, span {span:.1f} us; per block mean: setup {setup.mean():.2f}  first stage "
+    print(f"  trace: {len(rec)} units, span {span:.1f} us; per unit mean: setup {setup.mean():.2f}  first stage "
           f"{fill.mean():.2f}  main loop {main.mean():.2f}  epilogue {epi.mean():.2f}  life {life.mean():.2f} us; "
           f"SM busy {busy.mean() / span * 100:.0f}% of span; first-wave start spread {first.kthvalue(min(len(first), 132)).values:.2f} us",
           flush=True)
@@ -55,7 +55,7 @@ def main() -> None:
                         help="time the fused wgmma kernel alone in this configuration, e.g. 128x64x8x1x1 "
                              "(block channels x tokens x stages x cluster x splits) instead of the dispatched linear")
     parser.add_argument("--trace", action="store_true",
-                        help="with --wgmma: per-block %%globaltimer trace of one launch (prologue, main loop, epilogue)")
+                        help="with --wgmma: per-unit %%globaltimer trace of one launch (prologue, main loop, epilogue)")
     args = parser.parse_args()
     lib = runtime.library(torch.device("cuda"))
     assert lib is not None, "kernel library unavailable"

@@ -94,10 +94,12 @@ def _weight(n, k, group, seed=0):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("m,k", [(37, 4096), (300, 4096), (37, 11008), (300, 11008), (70, 576), (3, 73792)])
+@pytest.mark.parametrize("m,k", [(37, 4096), (300, 4096), (37, 11008), (300, 11008), (70, 576), (3, 73792),
+                                 (1027, 576), (4097, 4096), (1025, 11008)])
 def test_activation_quantization_matches_reference(dtype, m, k):
     """Every launch shape: one load per thread (few rows), several held in registers (many rows,
-    K = 11008), and rows too long for the registers (K = 73792, read twice)."""
+    K = 11008), several rows per block with a spare team in the last one (M > 1024), and rows too
+    long for the registers (K = 73792, read twice)."""
     from dgqtool.kernels import runtime
 
     lib = _library()
@@ -272,7 +274,8 @@ def _wgmma_configs(lib, m, n, k):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("m,k", [(19, 576), (19, 4096), (300, 4096), (300, 11008), (2, 73792)])
+@pytest.mark.parametrize("m,k", [(19, 576), (19, 4096), (300, 4096), (300, 11008), (2, 73792),
+                                 (1027, 576), (4097, 4096)])
 def test_permuted_quantization_matches_reference(dtype, m, k):
     """The quantization kernel writing the wgmma order equals the reference, permuted by
     dgq_permute_s8 (and padded with zeros to a multiple of 128 features)."""
