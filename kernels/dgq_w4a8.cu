@@ -241,12 +241,11 @@ __global__ void permute_s8_kernel(const int8_t* __restrict__ x, int8_t* __restri
 // Multiplying by r = rcp_rn(scale) instead of dividing: |x * r - x / scale| and |fl(x / scale) -
 // x / scale| are both below 2.3e-5 for |x / scale| <= 128 (relative errors 2^-23 and 2^-24), so
 // where x * r is more than 1e-3 away from a half-integer both round to the same integer; nearer
-// one (ties included: round half to even), the correctly rounded division decides. Beyond 128 both
-// clamp to +-127. A NaN (0 * inf for a subnormal static scale) also takes the division.
+// one (ties included: round half to even), the correctly rounded division decides.
 __device__ __forceinline__ int8_t quantize_one(float v, float s, float r) {
   const float y = v * r;
   float q = rintf(y);
-  if (!(fabsf(y - q) <= 0.499f)) q = rintf(__fdiv_rn(v, s));
+  if (fabsf(y - q) > 0.499f) q = rintf(__fdiv_rn(v, s));
   return static_cast<int8_t>(fminf(fmaxf(q, -127.f), 127.f));
 }
 

@@ -57,7 +57,7 @@ struct Params {
   void* out;
   int* partials;  // split-K: tiles x splits x BM x BN int32
   int* counters;  // split-K: one per tile, zero between launches
-  long long* trace;  // profiling only (dgq_wgmma_set_trace): per unit, SM id and %globaltimer at 5 points
+  long long* trace;  // profiling only (dgq_wgmma_set_trace): per block, SM id and %globaltimer at 5 points
   int m, n, k, group, steps, steps_per_split;
   int tiles_x, tiles_y, splits, units;  // units = tiles_x * tiles_y * splits
 };
@@ -181,7 +181,6 @@ struct Layout {
   static_assert(kStageBytes % 1024 == 0, "stages must keep the 1024-byte swizzle alignment");
   static_assert(kStaging % 8 == 0, "the barriers after the staging need 8-byte alignment");
   static_assert(BN <= 256, "a consumer thread loads the s_x of one token");
-  static_assert(BN % kChunk == 0, "the epilogue stores whole chunks");
 };
 
 // Persistent only with one m64 tile per warpgroup and no cluster: with MT = 2 the unit loop's
@@ -298,8 +297,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   int u = blockIdx.x;
   do {
     const Unit w = unit_at<BM, BN>(p, u);
-    const long long t_unit = t_entry;  // the kernel's entry for the first unit, else 0
-    t_entry = 0;
     long long t_start = 0, t_data = 0, t_main = 0;
     if (p.trace != nullptr) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_start));
     int chan[MT][2];  // global channels of the rows, clamped
@@ -499,8 +496,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_end));
       asm volatile("{ .reg .u32 r; mov.u32 r, %%smid; cvt.u64.u32 %0, r; }" : "=l"(sm));
       long long* rec = p.trace + 6 * static_cast<int64_t>(u);
-      rec[0] = sm, rec[1] = t_unit ? t_unit : t_start, rec[2] = t_start, rec[3] = t_data, rec[4] = t_main, rec[5] = t_end;
+      rec[0] = sm, rec[1] = t_entry ? t_entry : t_start, rec[2] = t_start, rec[3] = t_data, rec[4] = t_main, rec[5] = t_end;
     }
+    t_entry = 0;
   } while (kPersistent<MT, CL> && (u += gridDim.x) < p.units);
 #endif
 }
@@ -532,8 +530,8 @@ inline bool make_map(CUtensorMap* map, const void* base, uint64_t rows, uint64_t
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Profiling: the units of launches that follow record (SM, entry, consumer start, first stage landed,
-// main loop done, end) as %globaltimer ns into `trace` (6 x units int64); nullptr turns it off.
+// Profiling: blocks of launches that follow record (SM, entry, consumer start, first stage landed,
+// main loop done, end) as %globaltimer ns into `trace` (6 x blocks int64); nullptr turns it off.
 inline long long* g_trace = nullptr;  // set by dgq_wgmma_set_trace (wgmma_common.cu)
 
 // 0 ok, 1 unsupported shape, 3 launch failure. x_p: (m, k_pad) int8 in the permuted order,
