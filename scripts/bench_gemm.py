@@ -97,7 +97,8 @@ def wgmma_configs(lib, m: int, n: int, k: int, sms: int) -> list[tuple[int, int,
     return configs
 
 
-def best_config(name: str) -> tuple[int, ...]:
+def parse_config(name: str) -> tuple[int, ...]:
+    """A configuration as the tables name it ("128x256x4x1x1") -> its integers."""
     return tuple(int(v) for v in name.split("x"))
 
 
@@ -187,7 +188,7 @@ def measure_shape(lib, shape: str, n: int, k: int, rows: list[int], bandwidth: f
             row["wgmma_us"], row["wgmma_config"] = row["wgmma_configs_us"][best], best
             row["quantize_perm_us"] = bench(lambda: runtime.quantize_rows_permuted(lib, x))
 
-            def quantize_then_wgmma(c=best_config(best)):
+            def quantize_then_wgmma(c=parse_config(best)):
                 x_new, s_new = runtime.quantize_rows_permuted(lib, x)
                 runtime.wgmma_permuted(lib, x_new, s_new, *dgq_w.next(), GROUP, torch.float16, c)
 
@@ -209,7 +210,7 @@ def measure_shape(lib, shape: str, n: int, k: int, rows: list[int], bandwidth: f
                           "wgmma": None if wg is None else wg - row["quantize_us"]}
             path = min((p for p in candidates if candidates[p] is not None), key=candidates.get)
             config = row.get(f"{path}_config")
-            paths[key] = [path, [int(v) for v in config.split("x")]] if config else [path]
+            paths[key] = [path, list(parse_config(config))] if config else [path]
             lib.paths[key] = paths[key]
             if key in variants:
                 lib.tuned[key] = variants[key]
@@ -296,6 +297,8 @@ def main() -> None:
         write_results(args, name, bandwidth, rows, paths, variants)  # after every shape: a cut-off run keeps them
     print(markdown(rows))
     plot(rows, args.out / "gemm.png")
+    if args.tune:
+        print(f"tuning table: {args.out / 'tuned_sm90.json'} (copy to {build.source_dir() / 'tuned_sm90.json'})")
 
 
 def write_results(args, name: str, bandwidth: float, rows: list, paths: dict, variants: dict) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_gemm import COPIES, GROUP, SHAPES, Rotation
+from bench_gemm import COPIES, GROUP, SHAPES, Rotation, parse_config
 
 from dgqtool.kernels import runtime
 from dgqtool.quant.dual_grained import pack_nibbles, random_dual_grained
@@ -70,7 +70,7 @@ def main() -> None:
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             if args.wgmma:
-                config = tuple(int(v) for v in args.wgmma.split("x"))
+                config = parse_config(args.wgmma)
                 x_p, s_x = runtime.quantize_rows_permuted(lib, x)
                 print(shape, m, "wgmma", config, flush=True)
                 for _ in range(args.calls):
