@@ -75,8 +75,11 @@ int launch(Kernel kernel, dim3 grid, dim3 block, cudaStream_t stream, Args... ar
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  const char* disabled = getenv("DGQ_PDL");  // DGQ_PDL=0: plain stream order, for A/B timing
-  config.numAttrs = DGQ_PDL && !(disabled && disabled[0] == '0') ? 1 : 0;
+  static const bool disabled = [] {  // DGQ_PDL=0: plain stream order, for A/B timing (read once)
+    const char* value = getenv("DGQ_PDL");
+    return value != nullptr && value[0] == '0';
+  }();
+  config.numAttrs = DGQ_PDL && !disabled ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, args...) == cudaSuccess ? 0 : 3;
 }
 
@@ -241,12 +244,30 @@ __global__ void permute_s8_kernel(const int8_t* __restrict__ x, int8_t* __restri
 // Multiplying by r = rcp_rn(scale) instead of dividing: |x * r - x / scale| and |fl(x / scale) -
 // x / scale| are both below 2.3e-5 for |x / scale| <= 128 (relative errors 2^-23 and 2^-24), so
 // where x * r is more than 1e-3 away from a half-integer both round to the same integer; nearer
-// one (ties included: round half to even), the correctly rounded division decides.
+// one (ties included: round half to even), the correctly rounded division decides. Beyond 128 both
+// clamp to +-127. A NaN (0 * inf for a subnormal static scale) also takes the division.
 __device__ __forceinline__ int8_t quantize_one(float v, float s, float r) {
   const float y = v * r;
   float q = rintf(y);
-  if (fabsf(y - q) > 0.499f) q = rintf(__fdiv_rn(v, s));
+  if (!(fabsf(y - q) <= 0.499f)) q = rintf(__fdiv_rn(v, s));
   return static_cast<int8_t>(fminf(fmaxf(q, -127.f), 127.f));
+}
+
+// The abs-max of one 16-byte load of In values, and its codes.
+template <typename In>
+__device__ __forceinline__ float load_amax(const uint4& raw) {
+  const In* e = reinterpret_cast<const In*>(&raw);
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < 16 / static_cast<int>(sizeof(In)); ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
+  return amax;
+}
+
+template <typename In>
+__device__ __forceinline__ void quantize_load(const uint4& raw, float s, float r, int8_t* out) {
+  const In* e = reinterpret_cast<const In*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 16 / static_cast<int>(sizeof(In)); ++j) out[j] = quantize_one(to_float(e[j]), s, r);
 }
 
 // Each row is reduced by the kTeam threads that read it (kTeam / 32 warps, one or more rows per
@@ -305,18 +326,9 @@ __global__ void __launch_bounds__(1024) quantize_rows_kernel(const In* __restric
     float amax = 0.f;
     if constexpr (R > 0) {
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const In* e = reinterpret_cast<const In*>(&held[r]);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
-      }
+      for (int r = 0; r < R; ++r) amax = fmaxf(amax, load_amax<In>(held[r]));
     } else {
-      for (int v = lane; v < vectors; v += kTeam) {
-        const uint4 raw = row[v];
-        const In* e = reinterpret_cast<const In*>(&raw);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(to_float(e[j])));
-      }
+      for (int v = lane; v < vectors; v += kTeam) amax = fmaxf(amax, load_amax<In>(row[v]));
     }
     s = row_scale<kTeam>(amax, warp_max);
   } else {
@@ -330,10 +342,8 @@ __global__ void __launch_bounds__(1024) quantize_rows_kernel(const In* __restric
     for (int r = 0; r < R; ++r) {
       const int v = lane + r * kTeam;
       if (v >= vectors) continue;
-      const In* e = reinterpret_cast<const In*>(&held[r]);
       int8_t out[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) out[j] = quantize_one(to_float(e[j]), s, rs);
+      quantize_load<In>(held[r], s, rs, out);
       if constexpr (PERM) {
         store_permuted(qrow, 8 * v, *reinterpret_cast<const uint32_t*>(out), *reinterpret_cast<const uint32_t*>(out + 4));
       } else {
@@ -348,12 +358,7 @@ __global__ void __launch_bounds__(1024) quantize_rows_kernel(const In* __restric
       if (8 * u < k) {
         int8_t out[8];
 #pragma unroll
-        for (int h = 0; h < 8 / VEC; ++h) {
-          const uint4 raw = row[u * (8 / VEC) + h];
-          const In* e = reinterpret_cast<const In*>(&raw);
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) out[h * VEC + j] = quantize_one(to_float(e[j]), s, rs);
-        }
+        for (int h = 0; h < 8 / VEC; ++h) quantize_load<In>(row[u * (8 / VEC) + h], s, rs, out + h * VEC);
         word[0] = *reinterpret_cast<const uint32_t*>(out);
         word[1] = *reinterpret_cast<const uint32_t*>(out + 4);
       }
@@ -361,11 +366,8 @@ __global__ void __launch_bounds__(1024) quantize_rows_kernel(const In* __restric
     }
   } else {
     for (int v = lane; v < vectors; v += kTeam) {
-      const uint4 raw = row[v];
-      const In* e = reinterpret_cast<const In*>(&raw);
       int8_t out[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) out[j] = quantize_one(to_float(e[j]), s, rs);
+      quantize_load<In>(row[v], s, rs, out);
       store(v, out);
     }
   }

@@ -57,7 +57,7 @@ struct Params {
   void* out;
   int* partials;  // split-K: tiles x splits x BM x BN int32
   int* counters;  // split-K: one per tile, zero between launches
-  long long* trace;  // profiling only (dgq_wgmma_set_trace): per block, SM id and %globaltimer at 5 points
+  long long* trace;  // profiling only (dgq_wgmma_set_trace): per unit, SM id and %globaltimer at 5 points
   int m, n, k, group, steps, steps_per_split;
   int tiles_x, tiles_y, splits, units;  // units = tiles_x * tiles_y * splits
 };
@@ -181,6 +181,7 @@ struct Layout {
   static_assert(kStageBytes % 1024 == 0, "stages must keep the 1024-byte swizzle alignment");
   static_assert(kStaging % 8 == 0, "the barriers after the staging need 8-byte alignment");
   static_assert(BN <= 256, "a consumer thread loads the s_x of one token");
+  static_assert(BN % kChunk == 0, "the epilogue stores whole chunks");
 };
 
 // Persistent only with one m64 tile per warpgroup and no cluster: with MT = 2 the unit loop's
@@ -297,6 +298,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   int u = blockIdx.x;
   do {
     const Unit w = unit_at<BM, BN>(p, u);
+    const long long t_unit = t_entry;  // the kernel's entry for the first unit, else 0
+    t_entry = 0;
     long long t_start = 0, t_data = 0, t_main = 0;
     if (p.trace != nullptr) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_start));
     int chan[MT][2];  // global channels of the rows, clamped
@@ -496,9 +499,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_end));
       asm volatile("{ .reg .u32 r; mov.u32 r, %%smid; cvt.u64.u32 %0, r; }" : "=l"(sm));
       long long* rec = p.trace + 6 * static_cast<int64_t>(u);
-      rec[0] = sm, rec[1] = t_entry ? t_entry : t_start, rec[2] = t_start, rec[3] = t_data, rec[4] = t_main, rec[5] = t_end;
+      rec[0] = sm, rec[1] = t_unit ? t_unit : t_start, rec[2] = t_start, rec[3] = t_data, rec[4] = t_main, rec[5] = t_end;
     }
-    t_entry = 0;
   } while (kPersistent<MT, CL> && (u += gridDim.x) < p.units);
 #endif
 }
@@ -530,9 +532,27 @@ inline bool make_map(CUtensorMap* map, const void* base, uint64_t rows, uint64_t
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Profiling: blocks of launches that follow record (SM, entry, consumer start, first stage landed,
-// main loop done, end) as %globaltimer ns into `trace` (6 x blocks int64); nullptr turns it off.
+// Profiling: the units of launches that follow record (SM, entry, consumer start, first stage landed,
+// main loop done, end) as %globaltimer ns into `trace` (6 x units int64); nullptr turns it off.
 inline long long* g_trace = nullptr;  // set by dgq_wgmma_set_trace (wgmma_common.cu)
+
+// Host lookups made once, not per launch: at decode sizes the host's time per linear is the pace.
+constexpr int kMaxDevices = 64;
+
+struct LaunchEnv {  // A/B switches for timing, read when the library loads
+  bool persist_off = env_is_zero("DGQ_PERSIST"), pdl_off = env_is_zero("DGQ_PDL");
+  static bool env_is_zero(const char* name) {
+    const char* value = getenv(name);
+    return value != nullptr && value[0] == '0';
+  }
+};
+inline const LaunchEnv g_env;
+
+inline int sm_count(int device) {
+  static int counts[kMaxDevices] = {};  // a benign race: every thread stores the same value
+  if (counts[device] == 0) cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
+  return counts[device];
+}
 
 // 0 ok, 1 unsupported shape, 3 launch failure. x_p: (m, k_pad) int8 in the permuted order,
 // k_pad = k rounded up to 128. partials / counters: only read when splits > 1.
@@ -541,7 +561,7 @@ int launch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void*
            const float* s_x, void* out, int* partials, int* counters, int m, int n, int k, int group, int splits,
            cudaStream_t stream) {
   using L = Layout<MT, BN, STAGES>;
-  if (m < 1 || n < 1 || k % 32 || group % 32 || k % group || splits < 1) return 1;
+  if (m < 1 || n < 1 || k < 1 || k % 32 || group < 1 || group % 32 || k % group || splits < 1) return 1;
   if ((reinterpret_cast<uintptr_t>(qweight) | reinterpret_cast<uintptr_t>(x_p)) % 16) return 1;
   const int steps = (k + kStepK - 1) / kStepK, k_pad = steps * kStepK;
   const int per = (steps + splits - 1) / splits;
@@ -557,20 +577,19 @@ int launch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void*
   Params p{s2, zp, static_cast<const __half*>(s1), s_x, out, partials, counters, g_trace, m, n, k, group, steps, per,
            tiles_x, tiles_y, splits, units};
   auto kernel = wgmma_kernel<MT, BN, STAGES, CL, Out>;
-  static bool configured = [&] {
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes) == cudaSuccess;
-  }();
-  if (!configured) return 3;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return 3;
+  // a function's shared-memory limit belongs to each device's context: raised once per device
+  static bool configured[kMaxDevices] = {};
+  if (!configured[device]) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes) != cudaSuccess) return 3;
+    configured[device] = true;
+  }
   // Persistent variants: one block per SM (a block holds an SM's registers) taking units in turn.
   // DGQ_PERSIST=0: one unit per block (A/B timing).
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return 3;
-  const char* persist = getenv("DGQ_PERSIST");
-  const bool one_per_block = !kPersistent<MT, CL> || (persist && persist[0] == '0');
+  const bool one_per_block = !kPersistent<MT, CL> || g_env.persist_off;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(one_per_block ? units : min(units, sms));
+  config.gridDim = dim3(one_per_block ? units : min(units, sm_count(device)));
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = L::kBytes;
   config.stream = stream;
@@ -585,8 +604,7 @@ int launch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void*
   // Programmatic dependent launch only for small M: a waiting block holds a whole SM's registers,
   // which at large M starves the activation quantization it waits for (measured: qkv M = 2048
   // linear 17 us above kernel + quantization with it on).
-  const char* disabled = getenv("DGQ_PDL");
-  config.numAttrs = (disabled && disabled[0] == '0') || m > 256 ? 1 : 2;
+  config.numAttrs = g_env.pdl_off || m > 256 ? 1 : 2;
   return cudaLaunchKernelEx(&config, kernel, codes_map, tokens_map, p) == cudaSuccess ? 0 : 3;
 }
 

@@ -63,6 +63,7 @@ def graph_us(fn, calls: int, rounds: int) -> float:
 
 @torch.no_grad()
 def measure(calls: int, rounds: int) -> list[dict]:
+    from dgqtool import ops
     from dgqtool.nn.dgq_linear import DGQLinear
     from dgqtool.quant.dual_grained import random_dual_grained
 
@@ -75,28 +76,36 @@ def measure(calls: int, rounds: int) -> list[dict]:
             x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16)  # (batch, tokens, hidden) as in decode
             dgq_us, dgq_host = per_call_us(lambda: dgq(x), calls, rounds)
             bf16_us, bf16_host = per_call_us(lambda: F.linear(x, weight), calls, rounds)
+            # the op alone (no module), through its C++ and its Python CUDA kernel
+            args = (x.view(m, k), dgq.qweight, dgq.scales_s2, dgq.qzeros, dgq.scales_s1, GROUP)
+            op_us = per_call_us(lambda: ops.linear(*args), calls, rounds)[0]
+            op_python_us = per_call_us(lambda: ops.linear_python(*args), calls, rounds)[0]
             row = {"shape": name, "n": n, "k": k, "m": m, "dgq_us": dgq_us, "bf16_us": bf16_us,
-                   "dgq_host_us": dgq_host, "bf16_host_us": bf16_host,
+                   "dgq_host_us": dgq_host, "bf16_host_us": bf16_host, "op_us": op_us, "op_python_us": op_python_us,
                    "dgq_graph_us": graph_us(lambda: dgq(x), calls, rounds), "ratio": dgq_us / bf16_us}
             rows.append(row)
-            print(f"{name:8s} M={m}: DGQ {dgq_us:6.1f} us (host {dgq_host:5.1f}, graph {row['dgq_graph_us']:5.1f})  "
-                  f"bf16 {bf16_us:6.1f} us (host {bf16_host:5.1f})  DGQ/bf16 {row['ratio']:.2f}", flush=True)
+            print(f"{name:8s} M={m}: DGQ {dgq_us:6.1f} us (host {dgq_host:5.1f}, graph {row['dgq_graph_us']:5.1f}; op "
+                  f"{op_us:5.1f}, Python kernel {op_python_us:5.1f})  bf16 {bf16_us:6.1f} us (host {bf16_host:5.1f})  "
+                  f"DGQ/bf16 {row['ratio']:.2f}", flush=True)
         del dgq, weight
     return rows
 
 
-def report(rows: list[dict], device: str, command: str) -> str:
+def report(rows: list[dict], device: str, command: str, kernels: str) -> str:
     ones = [r for r in rows if r["m"] == 1]
     met = all(r["ratio"] <= TARGET for r in ones)
     ratios = ", ".join(f"{r['shape']} {r['ratio']:.2f}" for r in ones)
     lines = [f"Eager per-linear time, {device}, bf16 activations, DGQ g128 dynamic; CUDA events over back-to-back "
-             "calls after warm-up (host: issue time per call; graph: the DGQ linear replayed from a CUDA graph).", "",
+             "calls after warm-up (host: issue time per call; graph: the DGQ linear replayed from a CUDA graph; "
+             f"op: dgq::linear called alone, through its {kernels} CUDA kernel and through its Python one).", "",
              f"`{command}`", "",
-             "| shape (N x K) | M | DGQ eager (us) | bf16 eager (us) | DGQ / bf16 | DGQ host (us) | bf16 host (us) | DGQ graph (us) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape (N x K) | M | DGQ eager (us) | bf16 eager (us) | DGQ / bf16 | DGQ host (us) | bf16 host (us) "
+             "| DGQ graph (us) | op (us) | op, Python kernel (us) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} {r['n']}x{r['k']} | {r['m']} | {r['dgq_us']:.1f} | {r['bf16_us']:.1f} | "
-                     f"{r['ratio']:.2f}x | {r['dgq_host_us']:.1f} | {r['bf16_host_us']:.1f} | {r['dgq_graph_us']:.1f} |")
+                     f"{r['ratio']:.2f}x | {r['dgq_host_us']:.1f} | {r['bf16_host_us']:.1f} | {r['dgq_graph_us']:.1f} | "
+                     f"{r['op_us']:.1f} | {r['op_python_us']:.1f} |")
     lines += ["", f"Target DGQ eager <= {TARGET}x bf16 eager at M = 1: {'met' if met else 'MISSED'} "
               f"({ratios})."]
     return "\n".join(lines) + "\n"
@@ -135,14 +144,16 @@ def main() -> None:
     if args.registration:
         print("  ".join(f"{label} {us:.2f} us/call" for label, us in registration_us().items()))
         return
-    import dgqtool.ops  # noqa: F401  (registers dgq::linear)
+    from dgqtool.ops import load_native  # registers dgq::linear
 
+    kernels = "C++" if load_native() else "Python (C++ unavailable)"
     rows = measure(args.calls, args.rounds)
     device = torch.cuda.get_device_name()
     command = f"python scripts/bench_dispatch.py --calls {args.calls} --rounds {args.rounds}"
-    text = report(rows, device, command)
+    text = report(rows, device, command, kernels)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dispatch.json").write_text(json.dumps({"device": device, "command": command, "rows": rows}, indent=1))
+    (args.out / "dispatch.json").write_text(json.dumps({"device": device, "command": command, "kernels": kernels,
+                                                        "rows": rows}, indent=1))
     (args.out / "dispatch.md").write_text(text)
     print(text)
 

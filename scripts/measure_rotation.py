@@ -92,6 +92,8 @@ ROWS: dict[str, Row] = {
     "static-gptq": row(act="static", gptq=True),
     "hadamard-online-gptq": row("hadamard", online_down=True, gptq=True),
     "hadamard-online-nosmooth-gptq": row("hadamard", online_down=True, smooth="none", gptq=True),
+    "hadamard-online-capped-gptq": row("hadamard", online_down=True, max_column_growth=1.0, gptq=True),
+    "hadamard-online-static-gptq": row("hadamard", online_down=True, act="static", gptq=True),
 }
 
 

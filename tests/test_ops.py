@@ -9,6 +9,7 @@ import torch
 from dgqtool import ops
 from dgqtool.checkpoint import load_checkpoint
 from dgqtool.format import WEIGHT_FORMATS
+from dgqtool.gemm import dual_scale_gemm
 from dgqtool.quant.dual_grained import random_dual_grained
 from dgqtool.quant.quantizer import quantize_per_tensor, quantize_per_token
 from tiny_packed import write_packed
@@ -137,3 +138,50 @@ def test_compiled_graph_decode_equals_eager_on_cuda(packed):
     scale = want.float().abs().max()
     assert (got.float() - want.float()).abs().max() <= 1e-3 * scale
     assert (fused.float() - want.float()).abs().max() <= 2e-2 * scale  # inductor: fp16 fusions
+
+
+NATIVE_CHECK = """
+import torch
+from dgqtool.ops import load_native
+native = load_native()
+print(native, "dgq_torch_ops.cpp" in torch._C._dispatch_dump("dgq::linear").split("CUDA:")[1].splitlines()[0])
+"""
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_cpp_kernel_builds_and_replaces_the_python_cuda_kernel(disabled, tmp_path):
+    """The C++ torch extension builds against the running torch (CPU-only torch included) and,
+    loaded, is dgq::linear's CUDA kernel; DGQ_NATIVE_OPS=0 keeps the Python one. In a fresh
+    process: loading it changes the op for the whole process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DGQ_KERNEL_CACHE": os.environ.get("DGQ_KERNEL_CACHE", str(tmp_path)),
+           "DGQ_NATIVE_OPS": "0" if disabled else "1"}
+    done = subprocess.run([sys.executable, "-c", NATIVE_CHECK], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == (["False", "False"] if disabled else ["True", "True"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("static", [False, True])
+def test_cpp_kernel_equals_the_python_kernel_and_the_reference(dtype, static):
+    """dgq::linear through the C++ kernel (the GEMV at M = 1, the tensor-core kernel up to 64 rows,
+    the Python kernel beyond and for fp32) is the integer reference bit for bit, shape buckets
+    and both activation modes."""
+    from dgqtool.quant.dual_grained import pack_nibbles
+
+    assert ops.load_native()
+    for n, k, group in [(576, 1536, 64), (4096, 4096, 128), (136, 11008, 32)]:
+        w = random_dual_grained(n, k, group, torch.Generator().manual_seed(n))
+        args = (pack_nibbles(w.codes).cuda(), w.s2.cuda(), w.zero.cuda(), w.s1.half().cuda(), group)
+        scale = torch.tensor([0.02], device="cuda") if static else None
+        for m in (1, 3, 8, 17, 64, 65, 300):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            x_q, s_x = quantize_per_tensor(x, scale) if static else quantize_per_token(x)
+            want = ops.linear_python(x, *args, scale)
+            assert torch.equal(want, dual_scale_gemm(x_q, s_x, w.int8_weight().cuda(), args[3], dtype)), (n, m)
+            for _ in range(2):  # the first call of a bucket asks dgq::plan, the second uses its answer
+                assert torch.equal(ops.linear(x, *args, scale), want), (n, k, m)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_FILES = sorted(p.name for p in (REPO / "kernels").iterdir() if p.suffix in {".cu", ".cuh", ".json", ".py"})
+KERNEL_FILES = sorted(p.name for p in (REPO / "kernels").iterdir() if p.suffix in {".cu", ".cuh", ".cpp", ".json", ".py"})
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "out", "work")
 
 
@@ -37,7 +37,7 @@ def installed(tmp_path_factory) -> Path:
     site = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip())
     (site / "shared-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, transformers, ...
     wheel = next((tmp / "dist").glob("dgqtool-*.whl"))
-    _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel)
+    _run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--ignore-installed", "-q", wheel)
     return wheel
 
 

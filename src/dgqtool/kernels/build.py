@@ -26,6 +26,7 @@ from ..errors import DGQError
 
 LIBRARY_NAME = "libdgq_kernels.so"
 HAND_WRITTEN = "dgq_w4a8.cu"
+TORCH_OPS = "dgq_torch_ops.cpp"  # dgq::linear's CUDA kernel in C++, built against the running torch
 
 
 def source_dir() -> Path:
@@ -164,6 +165,39 @@ def build(arch: str, jobs: int | None = None, log=print) -> Path:
         return target / LIBRARY_NAME
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def build_torch_ops(log=print) -> Path:
+    """The cached torch extension of kernels/dgq_torch_ops.cpp for the running torch, built with the
+    host C++ compiler ($CXX or g++) when absent. It holds no CUDA code (the kernels stay in the
+    library above), so it builds wherever torch's headers are, CPU-only machines included."""
+    import torch
+
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise DGQError("no C++ compiler for the torch extension (set CXX)")
+    source = source_dir() / TORCH_OPS
+    root = Path(torch.__file__).resolve().parent
+    flags = ["-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             f"-I{root / 'include'}", f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}"]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + str(root).encode()
+                            + version.encode() + " ".join(flags).encode())
+    target = cache_root() / f"torch-ops-{digest.hexdigest()[:16]}" / "libdgq_torch_ops.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        done = subprocess.run([compiler, *flags, str(source), "-lc10", "-ltorch_cpu", "-o", str(partial)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise DGQError(f"building the torch extension failed:\n{done.stderr[-4000:]}")
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    log(f"compiled {TORCH_OPS}")
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -308,6 +308,22 @@ def choose_path(lib: KernelLibrary, m: int, n: int, k: int) -> tuple[str, tuple[
     return ("mma", MMA_DEFAULT) if m <= MMA_MAX_ROWS else ("gemm", None)
 
 
+# The paths dgq::linear's C++ kernel (kernels/dgq_torch_ops.cpp) runs itself, by its ids for them.
+NATIVE_PATHS = {"gemv": 1, "mma": 2}
+
+
+def native_plan(lib: KernelLibrary, x: torch.Tensor, n: int) -> list[int]:
+    """dgq::plan's answer for the C++ kernel: [path id, config, config, quantizer address, kernel
+    address] where choose_path picks a path it runs, else [0] (it calls the Python path)."""
+    m, k = x.shape
+    path, config = choose_path(lib, m, n, k)
+    if path not in NATIVE_PATHS:
+        return [0]
+    config = config or (GEMV_DEFAULT if path == "gemv" else MMA_DEFAULT)
+    entries = (f"dgq_quantize_rows_{_IN_SUFFIX[x.dtype]}", f"dgq_{path}_{_OUT_SUFFIX[x.dtype]}")
+    return [NATIVE_PATHS[path], *config, *(ctypes.cast(getattr(lib.lib, e), ctypes.c_void_p).value for e in entries)]
+
+
 def dgq_linear(lib: KernelLibrary, x: torch.Tensor, qweight, s2, zero, s1, group: int,
                static_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One DGQ linear without bias: x (M, K) fp16/bf16 -> (M, N) in x's dtype; group % 32 == 0."""

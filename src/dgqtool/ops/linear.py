@@ -10,20 +10,29 @@ same fp32 epilogue. The fake implementation gives shapes to torch.compile.
 Registered through the low-level `torch.library.Library`, not `torch.library.custom_op`: the
 latter's Python wrapper (autograd shim, alias checks) costs about 10 us per call on the host,
 more than the M = 1 kernels themselves (scripts/bench_dispatch.py); eager decode pays it per linear.
+
+On CUDA the first call loads the C++ kernel (kernels/dgq_torch_ops.cpp, built once per torch and
+cached; DGQ_NATIVE_OPS=0 keeps the Python one): it runs the GEMV and tensor-core paths without
+returning to Python, asks `dgq::plan` (runtime.native_plan) once per shape bucket which path to
+take, and hands every other path to `dgq::linear_python`, the Python kernel below.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 
 from ..format import WEIGHT_FORMATS
 from ..gemm import dual_scale_gemm
-from ..kernels import runtime
+from ..errors import DGQError
+from ..kernels import build, runtime
 from ..quant.quantizer import quantize_per_tensor, quantize_per_token
 
 KERNEL_WORD = 32  # the kernels read the codes of a group in 32-code words
-SCHEMA = ("linear(Tensor x, Tensor qweight, Tensor scales_s2, Tensor qzeros, Tensor scales_s1, int group, "
-          "Tensor? input_scale=None, Tensor? w_s8=None) -> Tensor")
+ARGUMENTS = ("(Tensor x, Tensor qweight, Tensor scales_s2, Tensor qzeros, Tensor scales_s1, int group, "
+             "Tensor? input_scale=None, Tensor? w_s8=None) -> Tensor")
 
 
 def reference(x: torch.Tensor, qweight: torch.Tensor, scales_s2: torch.Tensor, qzeros: torch.Tensor,
@@ -47,9 +56,57 @@ def _fake(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale=None, w_s
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
+def _plan(x, qweight, group, is_static):
+    lib = runtime.library_for(x) if group % KERNEL_WORD == 0 else None
+    return [0] if lib is None else runtime.native_plan(lib, x, qweight.shape[0])
+
+
+def _first_cuda_call(*args):
+    """dgq::linear's CUDA kernel until the C++ one is loaded, which this call attempts once."""
+    return linear(*args) if load_native() else _cuda(*args)
+
+
 _LIBRARY = torch.library.Library("dgq", "DEF")  # kept: the registrations live as long as this object
-_LIBRARY.define(SCHEMA)
+_LIBRARY.define("linear" + ARGUMENTS)
+_LIBRARY.define("linear_python" + ARGUMENTS)
+_LIBRARY.define("plan(Tensor x, Tensor qweight, int group, bool is_static) -> int[]")
 _LIBRARY.impl("linear", reference, "CPU")
-_LIBRARY.impl("linear", _cuda, "CUDA")
+_LIBRARY.impl("linear_python", _cuda, "CUDA")
+_LIBRARY.impl("plan", _plan, "CUDA")
 torch.library.register_fake("dgq::linear", _fake, lib=_LIBRARY)
 linear = torch.ops.dgq.linear.default
+linear_python = torch.ops.dgq.linear_python.default  # the Python CUDA kernel (A/B timing, tests)
+
+
+def _register_python_cuda() -> torch.library.Library:
+    library = torch.library.Library("dgq", "IMPL")
+    library.impl("linear", _first_cuda_call, "CUDA")
+    return library
+
+
+_python_cuda: torch.library.Library | None = _register_python_cuda()
+_native: bool | None = None
+
+
+def load_native() -> bool:
+    """Make the C++ kernel dgq::linear's CUDA kernel (once per process); False where it cannot be
+    built or loaded (with a warning), or DGQ_NATIVE_OPS=0, and the Python kernel stays."""
+    global _native, _python_cuda
+    if _native is None:
+        _native = False
+        if os.environ.get("DGQ_NATIVE_OPS", "1") == "0":
+            return False
+        try:
+            path = build.build_torch_ops(log=lambda _msg: None)
+        except (DGQError, OSError) as exc:
+            warnings.warn(f"dgq::linear's C++ kernel unavailable ({exc}); using its Python kernel")
+            return False
+        _python_cuda._destroy()  # one CUDA kernel per op: the C++ one replaces it
+        try:
+            torch.ops.load_library(str(path))
+        except OSError as exc:
+            _python_cuda = _register_python_cuda()
+            warnings.warn(f"dgq::linear's C++ kernel did not load ({exc}); using its Python kernel")
+            return False
+        _python_cuda, _native = None, True
+    return _native

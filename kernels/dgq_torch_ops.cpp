@@ -1,0 +1,124 @@
+// dgq::linear's CUDA kernel in C++ (a torch extension; needs torch's headers, not CUDA's).
+//
+// In eager mode the host's work per linear sets the pace at decode sizes: the Python path (the
+// op's Python kernel, three allocations, two ctypes launches) cost twice bf16's whole call
+// (docs/integration.md). Here one call makes one allocation for the int8 tokens and their scales,
+// one for the output, and launches the quantizer and the GEMV / tensor-core kernel itself.
+//
+// The path is Python's choice (dgqtool.kernels.runtime.choose_path), asked once per (device,
+// dtype, M bucket, N, K, group, static scale) through dgq::plan, which answers with the kernel
+// entry points' addresses in the library Python loaded; every other path (the wgmma and
+// expansion paths, shapes the kernels do not take) goes to the Python kernel, dgq::linear_python.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// The kernel library's C entry points (kernels/dgq_w4a8.cu); cudaStream_t is a pointer.
+using Quantize = int (*)(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k,
+                         void* stream);
+using Gemv = int (*)(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+                     const float* s_x, void* out, int n, int k, int group, int channels_per_warp, int steps,
+                     void* stream);
+using Mma = int (*)(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
+                    const float* s_x, void* out, int m, int n, int k, int group, int channel_tiles, int warps,
+                    void* stream);
+
+// dgq::plan's answer: [path, config 0, config 1, quantizer address, GEMM address]
+enum Path : int64_t { kPython = 0, kGemv = 1, kMma = 2 };
+struct Plan {
+  int64_t path = kPython, config0 = 0, config1 = 0;
+  Quantize quantize = nullptr;
+  void* gemm = nullptr;
+};
+using Key = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, bool>;
+
+int64_t bucket(int64_t m) {  // runtime._bucket: the next power of two
+  int64_t b = 1;
+  while (b < m) b <<= 1;
+  return b;
+}
+
+Plan plan_for(const at::Tensor& x, const at::Tensor& qweight, int64_t group, bool is_static) {
+  static std::mutex mutex;
+  static std::map<Key, Plan> plans;
+  const Key key{x.get_device(), static_cast<int>(x.scalar_type()), bucket(x.size(0)), qweight.size(0), x.size(1),
+                group, is_static};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto found = plans.find(key);
+    if (found != plans.end()) return found->second;
+  }
+  static const auto ask = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("dgq::plan", "")
+                              .typed<std::vector<int64_t>(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+  const std::vector<int64_t> answer = ask.call(x, qweight, group, is_static);  // Python, outside the lock
+  Plan plan;
+  if (answer.size() == 5 && (answer[0] == kGemv || answer[0] == kMma)) {
+    plan.path = answer[0], plan.config0 = answer[1], plan.config1 = answer[2];
+    plan.quantize = reinterpret_cast<Quantize>(static_cast<uintptr_t>(answer[3]));
+    plan.gemm = reinterpret_cast<void*>(static_cast<uintptr_t>(answer[4]));
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  plans.emplace(key, plan);
+  return plan;
+}
+
+void check(int status, const char* what) {
+  static const char* const kErrors[] = {"ok", "shape not supported", "workspace too small", "CUDA launch failed"};
+  TORCH_CHECK(status == 0, what, ": ", status > 0 && status < 4 ? kErrors[status] : "unknown error");
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_s2,
+                       const at::Tensor& qzeros, const at::Tensor& scales_s1, int64_t group,
+                       const std::optional<at::Tensor>& input_scale, const std::optional<at::Tensor>& w_s8) {
+  const Plan plan = x.dim() == 2 ? plan_for(x, qweight, group, input_scale.has_value()) : Plan{};
+  if (plan.path == kPython) {
+    static const auto python = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("dgq::linear_python", "")
+                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, const at::Tensor&, int64_t,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&)>();
+    return python.call(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8);
+  }
+  const at::Tensor input = x.contiguous();
+  const int m = static_cast<int>(input.size(0)), k = static_cast<int>(input.size(1));
+  const int n = static_cast<int>(qweight.size(0));
+  // the int8 tokens, then their float scales: m * k is a multiple of 32, so the scales stay aligned
+  at::Tensor tokens = at::empty({static_cast<int64_t>(m) * k + 4 * m}, input.options().dtype(at::kChar));
+  int8_t* codes = static_cast<int8_t*>(tokens.data_ptr());
+  float* scales = reinterpret_cast<float*>(codes + static_cast<int64_t>(m) * k);
+  std::optional<at::Tensor> fixed;
+  if (input_scale.has_value()) fixed = input_scale->to(at::kFloat).contiguous();
+  void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(input.device()).native_handle();
+  check(plan.quantize(input.data_ptr(), codes, scales, fixed ? fixed->data_ptr<float>() : nullptr, m, k, stream),
+        "dgq quantize");
+  at::Tensor out = at::empty({m, n}, input.options());
+  const auto* s2 = static_cast<const int8_t*>(scales_s2.data_ptr());
+  const auto* zp = static_cast<const uint8_t*>(qzeros.data_ptr());
+  const int cfg0 = static_cast<int>(plan.config0), cfg1 = static_cast<int>(plan.config1), g = static_cast<int>(group);
+  if (plan.path == kGemv) {
+    check(reinterpret_cast<Gemv>(plan.gemm)(qweight.data_ptr(), s2, zp, scales_s1.data_ptr(), codes, scales,
+                                            out.data_ptr(), n, k, g, cfg0, cfg1, stream),
+          "dgq gemv");
+  } else {
+    check(reinterpret_cast<Mma>(plan.gemm)(qweight.data_ptr(), s2, zp, scales_s1.data_ptr(), codes, scales,
+                                           out.data_ptr(), m, n, k, g, cfg0, cfg1, stream),
+          "dgq mma");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dgq, CUDA, m) { m.impl("linear", TORCH_FN(linear_cuda)); }
