@@ -76,6 +76,29 @@ def test_first_token_and_decode_are_timed_apart_after_a_warm_up(checkpoint, monk
     assert short.decode_tokens_per_second is None and "too few tokens" in short.summary()
 
 
+def test_the_streamer_stops_at_the_end_of_sequence_token():
+    """The CUDA graph decoder keeps stepping past end-of-sequence: neither the text nor the clock
+    may go on with what follows it."""
+    from dgqtool.run import _TokenClock
+
+    class Sink:
+        def __init__(self):
+            self.seen = []
+
+        def put(self, value):
+            self.seen.append(value.tolist())
+
+        def end(self):
+            self.seen.append("end")
+
+    sink = Sink()
+    clock = _TokenClock(sink, stop=2)
+    for value in ([[7, 8, 9]], [5], [2], [6], [4]):  # the prompt, then tokens
+        clock.put(torch.tensor(value))
+    clock.end()
+    assert sink.seen == [[[7, 8, 9]], [5], [2], "end"] and len(clock.times) == 2
+
+
 @pytest.mark.parametrize("damage", ["missing_dir", "missing_tensor", "format_version"])
 def test_run_rejects_bad_checkpoints(checkpoint, tmp_path, damage):
     from safetensors.torch import load_file, save_file

@@ -40,18 +40,23 @@ class Generation:
 
 class _TokenClock:
     """A generate() streamer that stamps every new token (the first put is the prompt) and passes
-    everything on to a text streamer, if there is one."""
+    everything on to a text streamer, if there is one, up to the first `stop` token: the CUDA graph
+    decoder runs its steps past an end-of-sequence token, and what follows it is not the answer."""
 
-    def __init__(self, inner=None):
-        self.inner, self.times, self._prompt_seen = inner, [], False
+    def __init__(self, inner=None, stop: int | None = None):
+        self.inner, self.stop = inner, stop
+        self.restart()
 
     def restart(self) -> None:
         """Forget the stamps (generation starts over; the text streamer may repeat the first token)."""
-        self.times, self._prompt_seen = [], False
+        self.times, self._prompt_seen, self._stopped = [], False, False
 
     def put(self, value) -> None:
+        if self._stopped:
+            return
         if self._prompt_seen:
             self.times.append(time.perf_counter())
+            self._stopped = self.stop is not None and value.numel() == 1 and int(value) == self.stop
         self._prompt_seen = True
         if self.inner is not None:
             self.inner.put(value)
@@ -91,7 +96,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
     if stream is not None:
         text_streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         text_streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n", file=stream, flush=True)
-    clock = _TokenClock(text_streamer)
+    clock = _TokenClock(text_streamer, tokenizer.eos_token_id)
     start = time.perf_counter()
     new = _decode(model, tokenizer, ids, max_new_tokens, temperature, clock, device, step_model, cache_len)
     times = clock.times[: new.numel()]  # the graph decoder runs past an end-of-sequence token
