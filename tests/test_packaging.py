@@ -59,11 +59,25 @@ def test_installed_package_runs_outside_the_checkout(installed, tmp_path):
     assert tuned == len(json.loads((REPO / "kernels" / "tuned_sm90.json").read_text()).get("choice", {}))
 
 
-@pytest.mark.slow  # a full nvcc build: minutes
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc and nvidia-cutlass")
-def test_installed_package_compiles_the_sm90a_kernels(installed, tmp_path):
+def test_installed_package_builds_the_sm90a_kernels_and_the_torch_extension(installed, tmp_path):
+    """From the installed package's own sources: the generator emits the sm_90a units and the library
+    links (into a fresh cache whose object store is the checkout's: an object's key is its source,
+    headers, flags and nvcc, not its path, so only units the checkout's build lacks compile here),
+    and the C++ torch extension builds against the running torch."""
+    pytest.importorskip("cutlass_library")
+    from dgqtool.kernels import build
+
     venv = installed.parents[1] / "venv"
+    (tmp_path / "cache").mkdir()
+    objects = build.cache_root() / "objects"
+    objects.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache" / "objects").symlink_to(objects)
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin:/usr/local/cuda/bin", "HOME": str(tmp_path),
            "DGQ_KERNEL_CACHE": str(tmp_path / "cache")}
-    out = _run(venv / "bin" / "python", "-m", "dgqtool.kernels.build", "--arch", "sm_90a", cwd=tmp_path, env=env)
-    assert Path(out.strip()).is_file()
+    code = ("from dgqtool.kernels import build; "
+            "print(build.build('sm_90a', log=lambda _m: None)); print(build.build_torch_ops(log=lambda _m: None))")
+    library, extension = map(Path, _run(venv / "bin" / "python", "-c", code, cwd=tmp_path, env=env).split())
+    assert library.is_file() and library.is_relative_to(tmp_path) and extension.is_file()
+    symbols = subprocess.run(["nm", "-D", str(library)], capture_output=True, text=True).stdout
+    assert "dgq_wgmma_w128x128_s6_c1_bf16" in symbols and "dgq_gemv_f16" in symbols
