@@ -9,8 +9,10 @@
 // dtype, M bucket, N, K, group, static scale) through dgq::plan, which answers with the kernel
 // entry points' addresses in the library Python loaded; every other path (the wgmma and
 // expansion paths, shapes the kernels do not take) goes to the Python kernel, dgq::linear_python.
+// The answers stay for the process: DGQ_KERNELS or the tuned table changed later do not reach them.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
@@ -81,7 +83,10 @@ void check(int status, const char* what) {
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_s2,
                        const at::Tensor& qzeros, const at::Tensor& scales_s1, int64_t group,
                        const std::optional<at::Tensor>& input_scale, const std::optional<at::Tensor>& w_s8) {
-  const Plan plan = x.dim() == 2 ? plan_for(x, qweight, group, input_scale.has_value()) : Plan{};
+  // K % 32 keeps the scales after the int8 tokens aligned (the kernels need it anyway); M = 0 goes
+  // to Python, so that an empty batch never decides the plan of its bucket (bucket(0) = 1)
+  const bool runs_here = x.dim() == 2 && x.size(0) > 0 && x.size(1) % 32 == 0;
+  const Plan plan = runs_here ? plan_for(x, qweight, group, input_scale.has_value()) : Plan{};
   if (plan.path == kPython) {
     static const auto python = c10::Dispatcher::singleton()
                                    .findSchemaOrThrow("dgq::linear_python", "")
@@ -91,6 +96,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
                                                      const std::optional<at::Tensor>&)>();
     return python.call(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8);
   }
+  const c10::DeviceGuard device_guard(x.device());  // the kernels launch on the current device
   const at::Tensor input = x.contiguous();
   const int m = static_cast<int>(input.size(0)), k = static_cast<int>(input.size(1));
   const int n = static_cast<int>(qweight.size(0));

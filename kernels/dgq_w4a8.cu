@@ -476,7 +476,7 @@ template <typename Out>
 int gemv_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
                   const float* s_x, void* out, int n, int k, int group, int channels_per_warp, int steps,
                   cudaStream_t stream) {
-  if (k % 32 || group % 32 || k % group) return 1;
+  if (k < 1 || k % 32 || group < 1 || group % 32 || k % group) return 1;
 #define DGQ_GEMV_CONFIG(CH, U) \
   if (channels_per_warp == CH && steps == U) return launch_gemv<CH, U, Out>(qweight, s2, zp, s1, x, s_x, out, n, k, group, stream);
   DGQ_GEMV_CONFIG(2, 1)
@@ -519,7 +519,8 @@ template <typename Out>
 int mma_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
                  const float* s_x, void* out, int m, int n, int k, int group, int channel_tiles, int warps,
                  cudaStream_t stream) {
-  if (k % 32 || group % 32 || k % group || m < 1 || (warps != 4 && warps != 8 && warps != 16)) return 1;
+  if (k < 1 || k % 32 || group < 1 || group % 32 || k % group || m < 1 || (warps != 4 && warps != 8 && warps != 16))
+    return 1;
   if (channel_tiles == 1) return mma_by_rows<1, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, warps, stream);
   if (channel_tiles == 2) return mma_by_rows<2, Out>(qweight, s2, zp, s1, x, s_x, out, m, n, k, group, warps, stream);
   return 1;
@@ -561,7 +562,7 @@ int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_sc
 // C entry points (loaded with ctypes). Return 0 on success, 1 unsupported shape, 3 launch error.
 extern "C" int dgq_unpack_s8(const void* qweight, const int8_t* s2, const uint8_t* zp, int8_t* w, int n, int k,
                              int group, cudaStream_t stream) {
-  if (k % 32 || group % 32 || k % group) return 1;
+  if (k < 1 || k % 32 || group < 1 || group % 32 || k % group) return 1;
   const int64_t threads = static_cast<int64_t>(n) * (k / 32);
   unpack_s8_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(
       static_cast<const uint4*>(qweight), s2, zp, reinterpret_cast<uint4*>(w), n, k, group);

@@ -3,6 +3,11 @@ CPU) that torch.compile(fullgraph=True) traces a DGQ model through, with logits 
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -148,17 +153,13 @@ print(native, "dgq_torch_ops.cpp" in torch._C._dispatch_dump("dgq::linear").spli
 """
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler")
 @pytest.mark.parametrize("disabled", [False, True])
-def test_cpp_kernel_builds_and_replaces_the_python_cuda_kernel(disabled, tmp_path):
-    """The C++ torch extension builds against the running torch (CPU-only torch included) and,
-    loaded, is dgq::linear's CUDA kernel; DGQ_NATIVE_OPS=0 keeps the Python one. In a fresh
-    process: loading it changes the op for the whole process."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "DGQ_KERNEL_CACHE": os.environ.get("DGQ_KERNEL_CACHE", str(tmp_path)),
-           "DGQ_NATIVE_OPS": "0" if disabled else "1"}
+def test_cpp_kernel_builds_and_replaces_the_python_cuda_kernel(disabled):
+    """The C++ torch extension builds against the running torch (CPU-only torch included; cached
+    with the kernel library) and, loaded, is dgq::linear's active CUDA kernel; DGQ_NATIVE_OPS=0
+    keeps the Python one. In a fresh process: loading it changes the op for the whole process."""
+    env = {**os.environ, "DGQ_NATIVE_OPS": "0" if disabled else "1"}
     done = subprocess.run([sys.executable, "-c", NATIVE_CHECK], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == (["False", "False"] if disabled else ["True", "True"])
@@ -169,19 +170,25 @@ def test_cpp_kernel_builds_and_replaces_the_python_cuda_kernel(disabled, tmp_pat
 @pytest.mark.parametrize("static", [False, True])
 def test_cpp_kernel_equals_the_python_kernel_and_the_reference(dtype, static):
     """dgq::linear through the C++ kernel (the GEMV at M = 1, the tensor-core kernel up to 64 rows,
-    the Python kernel beyond and for fp32) is the integer reference bit for bit, shape buckets
-    and both activation modes."""
+    the Python kernel beyond and for fp32) is the integer reference bit for bit: three shapes, M
+    from 0 to 300 (3 and 4 share a bucket: the plan asked at 3 serves 4), a transposed (non-contiguous)
+    input, both activation modes (the static scale given in fp16)."""
     from dgqtool.quant.dual_grained import pack_nibbles
 
     assert ops.load_native()
     for n, k, group in [(576, 1536, 64), (4096, 4096, 128), (136, 11008, 32)]:
         w = random_dual_grained(n, k, group, torch.Generator().manual_seed(n))
         args = (pack_nibbles(w.codes).cuda(), w.s2.cuda(), w.zero.cuda(), w.s1.half().cuda(), group)
-        scale = torch.tensor([0.02], device="cuda") if static else None
-        for m in (1, 3, 8, 17, 64, 65, 300):
+        scale = torch.tensor([0.02], device="cuda", dtype=torch.float16) if static else None
+        for m in (0, 1, 3, 4, 8, 17, 64, 65, 300):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            x_q, s_x = quantize_per_tensor(x, scale) if static else quantize_per_token(x)
+            x_q, s_x = quantize_per_tensor(x, scale.float()) if static else quantize_per_token(x)
             want = ops.linear_python(x, *args, scale)
             assert torch.equal(want, dual_scale_gemm(x_q, s_x, w.int8_weight().cuda(), args[3], dtype)), (n, m)
             for _ in range(2):  # the first call of a bucket asks dgq::plan, the second uses its answer
                 assert torch.equal(ops.linear(x, *args, scale), want), (n, k, m)
+            assert torch.equal(ops.linear(x.T.contiguous().T, *args, scale), want)  # a strided input
+            if dtype != torch.float32 and m == 1:
+                assert torch.ops.dgq.plan(x, args[0], group, static)[0] == 1  # this ran the C++ GEMV path
+        if dtype != torch.float32:  # an untuned shape at M <= 64: the C++ tensor-core path
+            assert torch.ops.dgq.plan(torch.empty(8, k, device="cuda", dtype=dtype), args[0], group, static)[0] == 2

@@ -27,7 +27,7 @@ def int8_matmul(x_q: torch.Tensor, w_s8: torch.Tensor) -> torch.Tensor:
             padded = torch.zeros(_CUDA_MIN_ROWS, k, dtype=torch.int8, device=x_q.device)
             padded[:m] = x_q
             return torch._int_mm(padded, w_s8.T)[:m]
-        return torch._int_mm(x_q, w_s8.T)
+        return torch._int_mm(x_q.contiguous(), w_s8.T)  # cuBLAS's int8 GEMM takes no transposed x
     # On CPU, BLAS float GEMMs run several times faster than torch's int8 one, and are exact here.
     dtype = torch.float32 if x_q.shape[1] < _FP32_EXACT_K else torch.float64
     return (x_q.to(dtype) @ w_s8.to(dtype).T).to(torch.int32)

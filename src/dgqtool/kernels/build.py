@@ -180,7 +180,7 @@ def build_torch_ops(log=print) -> Path:
     root = Path(torch.__file__).resolve().parent
     flags = ["-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              f"-I{root / 'include'}", f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}"]
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, errors="replace").stdout
     digest = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + str(root).encode()
                             + version.encode() + " ".join(flags).encode())
     target = cache_root() / f"torch-ops-{digest.hexdigest()[:16]}" / "libdgq_torch_ops.so"
@@ -190,7 +190,7 @@ def build_torch_ops(log=print) -> Path:
     partial = target.with_suffix(f".{os.getpid()}.tmp")
     try:
         done = subprocess.run([compiler, *flags, str(source), "-lc10", "-ltorch_cpu", "-o", str(partial)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, errors="replace", timeout=900)
         if done.returncode:
             raise DGQError(f"building the torch extension failed:\n{done.stderr[-4000:]}")
         partial.replace(target)

@@ -328,6 +328,8 @@ def dgq_linear(lib: KernelLibrary, x: torch.Tensor, qweight, s2, zero, s1, group
                static_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One DGQ linear without bias: x (M, K) fp16/bf16 -> (M, N) in x's dtype; group % 32 == 0."""
     m, k = x.shape
+    if m == 0:  # no launch has a grid for it
+        return x.new_empty(0, qweight.shape[0])
     path, config = choose_path(lib, m, qweight.shape[0], k)
     if path == "wgmma" and qweight.data_ptr() % 16:  # TMA needs 16-byte aligned codes: take the default path
         path, config = ("mma", MMA_DEFAULT) if m <= MMA_MAX_ROWS else ("gemm", None)

@@ -20,6 +20,7 @@ take, and hands every other path to `dgq::linear_python`, the Python kernel belo
 from __future__ import annotations
 
 import os
+import subprocess
 import warnings
 
 import torch
@@ -45,8 +46,12 @@ def reference(x: torch.Tensor, qweight: torch.Tensor, scales_s2: torch.Tensor, q
     return dual_scale_gemm(x_q, s_x, w_s8, scales_s1, x.dtype)
 
 
+def _kernels_take(group: int) -> bool:
+    return group > 0 and group % KERNEL_WORD == 0
+
+
 def _cuda(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale=None, w_s8=None):
-    lib = runtime.library_for(x) if group % KERNEL_WORD == 0 else None
+    lib = runtime.library_for(x) if _kernels_take(group) else None
     if lib is None:
         return reference(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8)
     return runtime.dgq_linear(lib, x, qweight, scales_s2, qzeros, scales_s1, group, input_scale)
@@ -57,12 +62,13 @@ def _fake(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale=None, w_s
 
 
 def _plan(x, qweight, group, is_static):
-    lib = runtime.library_for(x) if group % KERNEL_WORD == 0 else None
+    lib = runtime.library_for(x) if _kernels_take(group) else None
     return [0] if lib is None else runtime.native_plan(lib, x, qweight.shape[0])
 
 
 def _first_cuda_call(*args):
-    """dgq::linear's CUDA kernel until the C++ one is loaded, which this call attempts once."""
+    """dgq::linear's CUDA kernel until the C++ one is loaded, which this call attempts once; where it
+    cannot be, this stays the kernel (one Python frame more than `_cuda`)."""
     return linear(*args) if load_native() else _cuda(*args)
 
 
@@ -71,42 +77,31 @@ _LIBRARY.define("linear" + ARGUMENTS)
 _LIBRARY.define("linear_python" + ARGUMENTS)
 _LIBRARY.define("plan(Tensor x, Tensor qweight, int group, bool is_static) -> int[]")
 _LIBRARY.impl("linear", reference, "CPU")
+_LIBRARY.impl("linear", _first_cuda_call, "CUDA")
 _LIBRARY.impl("linear_python", _cuda, "CUDA")
 _LIBRARY.impl("plan", _plan, "CUDA")
-torch.library.register_fake("dgq::linear", _fake, lib=_LIBRARY)
+for _name in ("linear", "linear_python"):
+    torch.library.register_fake(f"dgq::{_name}", _fake, lib=_LIBRARY)
 linear = torch.ops.dgq.linear.default
 linear_python = torch.ops.dgq.linear_python.default  # the Python CUDA kernel (A/B timing, tests)
-
-
-def _register_python_cuda() -> torch.library.Library:
-    library = torch.library.Library("dgq", "IMPL")
-    library.impl("linear", _first_cuda_call, "CUDA")
-    return library
-
-
-_python_cuda: torch.library.Library | None = _register_python_cuda()
 _native: bool | None = None
 
 
 def load_native() -> bool:
     """Make the C++ kernel dgq::linear's CUDA kernel (once per process); False where it cannot be
     built or loaded (with a warning), or DGQ_NATIVE_OPS=0, and the Python kernel stays."""
-    global _native, _python_cuda
+    global _native
     if _native is None:
         _native = False
         if os.environ.get("DGQ_NATIVE_OPS", "1") == "0":
             return False
         try:
             path = build.build_torch_ops(log=lambda _msg: None)
-        except (DGQError, OSError) as exc:
-            warnings.warn(f"dgq::linear's C++ kernel unavailable ({exc}); using its Python kernel")
+            with warnings.catch_warnings():  # registered after the Python kernel, it takes the key's dispatch
+                warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
+                torch.ops.load_library(str(path))
+        except (DGQError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            warnings.warn(f"dgq::linear's C++ kernel unavailable ({str(exc).splitlines()[0]}); using its Python kernel")
             return False
-        _python_cuda._destroy()  # one CUDA kernel per op: the C++ one replaces it
-        try:
-            torch.ops.load_library(str(path))
-        except OSError as exc:
-            _python_cuda = _register_python_cuda()
-            warnings.warn(f"dgq::linear's C++ kernel did not load ({exc}); using its Python kernel")
-            return False
-        _python_cuda, _native = None, True
+        _native = True
     return _native
