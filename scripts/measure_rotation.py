@@ -47,7 +47,7 @@ from dgqtool.models.load import load_model
 from dgqtool.models.rotation import rotate_model
 from dgqtool.progress import Silent
 from dgqtool.quant.quantizer import fake_quantize_activations
-from dgqtool.quant.rotate import rotation_matrix
+from dgqtool.quant.rotate import FactoredHadamard, factored_hadamard
 from dgqtool.quant.search import accumulate_moments, quantize_weight
 from dgqtool.recipe import Recipe, flag, load_config
 from dgqtool.stages import calibrate as calibrate_stage
@@ -98,14 +98,15 @@ ROWS: dict[str, Row] = {
 
 
 class OnlineRotation(nn.Module):
-    """x -> x Q in float before the next module: what a fused Hadamard + quantize kernel would do."""
+    """x -> x Q in float before the next module, in the factored form a runtime would apply
+    (scripts/bench_online_rotation.py times it): what a fused Hadamard + quantize kernel would do."""
 
-    def __init__(self, q: torch.Tensor):
+    def __init__(self, rotation: FactoredHadamard):
         super().__init__()
-        self.register_buffer("q", q)
+        self.rotation = rotation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.q.to(x.dtype)
+        return self.rotation.apply(x)
 
 
 def _online_adapter(adapter: Adapter) -> Adapter:
@@ -117,13 +118,14 @@ def _online_adapter(adapter: Adapter) -> Adapter:
 def prepare(model: nn.Module, adapter: Adapter, spec_row: Row, seed: int, device: str) -> None:
     """The float model as the row's stages see it: rotated, optionally with online down rotation."""
     rotate_model(model, adapter, spec_row.rotate, seed, value_heads=spec_row.value_heads, device=device)
-    if spec_row.online_down:
-        q = rotation_matrix("hadamard", model.config.intermediate_size, seed + 2)
+    if spec_row.online_down:  # on SmolLM2 (1536 = 12 x 128) the same Q as rotation_matrix("hadamard", ...)
+        rotation = factored_hadamard(model.config.intermediate_size, seed + 2)
+        q = rotation.matrix()
         for layer in decoder_layers(model, adapter):
             down = layer.mlp.down_proj
             with torch.no_grad():
-                down.weight.copy_((down.weight.double() @ q).to(down.weight.dtype))
-            layer.mlp.down_proj = nn.Sequential(OnlineRotation(q.to(down.weight.dtype)), down)
+                down.weight.copy_((down.weight.double() @ q.to(down.weight.device)).to(down.weight.dtype))
+            layer.mlp.down_proj = nn.Sequential(OnlineRotation(rotation), down)
 
 
 def dgq_flags(spec_row: Row) -> str:

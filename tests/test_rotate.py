@@ -173,3 +173,38 @@ def test_rotated_checkpoint_verifies_and_round_trips(tiny_llama, tiny_opt, corpu
     unrotated = CliRunner().invoke(app, ["quantize", str(tiny_opt), "-o", str(tmp_path / "opt"), *common, "--no-verify"])
     assert unrotated.exit_code == 0 and "--rotate auto: opt has no RMSNorm residual stream to rotate" in unrotated.output
     assert load_checkpoint(tmp_path / "opt")[2]["rotation"]["kind"] == "none"
+
+
+@pytest.mark.parametrize("n,paley,sylvester", [(1536, 12, 128), (576, 36, 16), (1024, 1, 1024), (344, 1, 8), (92, 1, 4)])
+def test_factored_hadamard_applies_its_own_matrix(n, paley, sylvester):
+    """The online rotation's factors: the largest block of a Paley order (<= 64) times a power of
+    two, the largest power among equal blocks (344 = 43 x 8, like Llama's 11008 = 43 x 256, has
+    none whole: blocks of 8); apply() (a small dense P and a fast Walsh-Hadamard transform) is
+    x Q for the dense orthogonal Q that folds into the weight, random_hadamard's Q where the block
+    is block_order(n)."""
+    from dgqtool.quant.rotate import factored_hadamard
+
+    f = factored_hadamard(n, seed=7)
+    assert (f.paley.shape[0], f.sylvester_order) == (paley, sylvester)
+    q = f.matrix()
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert (q.abs() > 0).sum() == n * f.block  # block-diagonal, every entry of a block +-1/sqrt(block)
+    if f.block == block_order(n):
+        assert torch.equal(q, random_hadamard(n, seed=7))
+    x = torch.randn(2, 3, n, dtype=torch.float64)
+    assert torch.allclose(f.apply(x), x @ q, atol=1e-12)
+    assert f.apply(x.float()).dtype == torch.float32
+    assert torch.equal(f.signs, factored_hadamard(n, seed=7).signs) and not torch.equal(f.signs, factored_hadamard(n, seed=8).signs)
+
+
+def test_online_rotation_benchmark_checks_its_transform_on_cpu():
+    """scripts/bench_online_rotation.py --check: the factored transform of both benchmarked shapes
+    (SmolLM2's 1536 whole, Llama-2-7B's 11008 in blocks of 256) equals x Q."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_online_rotation.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "blocks of 1536 = 12 x 128" in done.stdout and "blocks of 256 = 1 x 256" in done.stdout

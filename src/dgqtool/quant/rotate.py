@@ -20,6 +20,7 @@ about a second on a GPU) and leaves the weight where it was.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -46,16 +47,24 @@ def _jacobsthal(q: int) -> torch.Tensor:
     return chi[(idx.unsqueeze(1) - idx.unsqueeze(0)) % q]
 
 
+def _paley_construction(order: int) -> int:
+    """1 or 2: which of Paley's constructions gives a Hadamard matrix of `order` (prime q only); 0: neither."""
+    if (order - 1) % 4 == 3 and _is_prime(order - 1):
+        return 1
+    return 2 if order % 2 == 0 and (order // 2 - 1) % 4 == 1 and _is_prime(order // 2 - 1) else 0
+
+
 def _paley(order: int) -> torch.Tensor | None:
     """A Hadamard matrix of `order` from Paley's constructions I and II (prime q only), else None."""
-    q = order - 1
-    if q % 4 == 3 and _is_prime(q):  # Paley I: I + S with S the bordered skew Jacobsthal matrix
+    construction = _paley_construction(order)
+    if construction == 1:  # Paley I: I + S with S the bordered skew Jacobsthal matrix
+        q = order - 1
         s = torch.zeros(order, order, dtype=torch.float64)
         s[0, 1:], s[1:, 0] = 1.0, -1.0
         s[1:, 1:] = _jacobsthal(q)
         return s + torch.eye(order, dtype=torch.float64)
-    q = order // 2 - 1
-    if order % 2 == 0 and q % 4 == 1 and _is_prime(q):  # Paley II: C's zeros -> [[1,-1],[-1,-1]], +-1 -> +-[[1,1],[1,-1]]
+    if construction == 2:  # Paley II: C's zeros -> [[1,-1],[-1,-1]], +-1 -> +-[[1,1],[1,-1]]
+        q = order // 2 - 1
         c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
         c[0, 1:], c[1:, 0] = 1.0, 1.0
         c[1:, 1:] = _jacobsthal(q)
@@ -89,12 +98,62 @@ def block_order(n: int) -> int:
     return next(b for b in range(n, 0, -1) if n % b == 0 and _hadamard_or_none(b) is not None)
 
 
+def _random_signs(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
+
+
 def random_hadamard(n: int, seed: int) -> torch.Tensor:
     """Orthogonal diag(s) H / sqrt(b) with random signs s; H block-diagonal in block_order(n)."""
     b = block_order(n)
     h = torch.block_diag(*[_hadamard_or_none(b)] * (n // b)) / b**0.5
-    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
-    return signs.unsqueeze(1) * h
+    return _random_signs(n, seed).unsqueeze(1) * h
+
+
+@dataclass(frozen=True)
+class FactoredHadamard:
+    """Q = diag(signs) blockdiag(P kron S, ...) / sqrt(p t) kept as its factors, the form an online
+    rotation (one applied to activations at run time) takes: x Q costs n (p + log2 t) operations
+    per token instead of n^2. P is a Paley matrix of order p (1 x 1 when the block is a power of
+    two), S the Sylvester matrix of order t, applied as a fast Walsh-Hadamard transform."""
+
+    signs: torch.Tensor  # (n,) float64, +-1
+    paley: torch.Tensor  # (p, p) float64
+    sylvester_order: int  # t
+
+    @property
+    def block(self) -> int:
+        return self.paley.shape[0] * self.sylvester_order
+
+    def matrix(self) -> torch.Tensor:
+        """The dense (n, n) float64 Q, to fold Q^T into the weight that reads the rotated input."""
+        n = self.signs.shape[0]
+        h = torch.kron(self.paley, _sylvester(self.sylvester_order))
+        return self.signs.unsqueeze(1) * torch.block_diag(*[h] * (n // self.block)) / self.block**0.5
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., n) -> x Q in x's dtype: each block of p t features as a (p, t) matrix V -> P^T V S."""
+        p, t = self.paley.shape[0], self.sylvester_order
+        v = (x * self.signs.to(x.device, x.dtype)).reshape(*x.shape[:-1], -1, p, t)
+        if p > 1:
+            v = self.paley.T.to(x.device, x.dtype) @ v
+        lead, h = v.shape[:-1], 1
+        while h < t:  # V S_t with S_2h = [[S_h, S_h], [S_h, -S_h]]: butterflies of stride 1, 2, 4, ...
+            pairs = v.reshape(*lead, t // (2 * h), 2, h)
+            v = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
+            v, h = v.reshape(*lead, t), 2 * h
+        return (v * self.block**-0.5).reshape(x.shape)
+
+
+def factored_hadamard(n: int, seed: int, max_paley: int = 64) -> FactoredHadamard:
+    """The online rotation of n features: the largest block p t dividing n with p a Paley order up
+    to max_paley (or 1) and t a power of two, the largest t among equals -- random_hadamard(n, seed)
+    itself wherever block_order(n) factors so (1536 = 12 x 128, 576 = 36 x 16, 4096 = 1 x 4096);
+    11008 = 43 x 256 has no such full order and gets blocks of 256."""
+    candidates = [(p, 1 << k) for k in range(n.bit_length()) for p in range(1, max_paley + 1)
+                  if n % (p << k) == 0 and (p == 1 or _paley_construction(p))]
+    p, t = max(candidates, key=lambda pt: (pt[0] * pt[1], pt[1]))
+    paley = torch.ones(1, 1, dtype=torch.float64) if p == 1 else _paley(p)
+    return FactoredHadamard(_random_signs(n, seed), paley, t)
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
