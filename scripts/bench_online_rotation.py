@@ -3,9 +3,10 @@
 The `hadamard-online-*` rows of scripts/measure_rotation.py rotate down_proj's input at run time
 (x -> x Q, Q folded into down_proj's weight; SmolLM2-135M WikiText-2 25.01 -> 24.34). Before such a
 rotation goes into the checkpoint format, this times it next to the DGQ down linear it feeds, in
-the same run, for SmolLM2-135M's down_proj (576 x 1536) and Llama-2-7B's (4096 x 11008), bf16:
+the same run, for SmolLM2-135M's down_proj (576 x 1536, g64) and Llama-2-7B's (4096 x 11008,
+g128 as in docs/kernels.md), bf16:
   rotate     quant.rotate.FactoredHadamard.apply (a small dense Paley factor and a fast
-             Walsh-Hadamard transform, torch ops; 11008 = 43 x 256 has blocks of 256);
+             Walsh-Hadamard transform, torch ops in float32; 11008 gets blocks of 256);
   compiled   the same through torch.compile (inductor fuses the butterflies);
   dense      x @ Q with the dense (n, n) bf16 matrix, for scale;
   linear     the whole DGQ down linear (activation quantization + the dispatched kernel);
@@ -13,7 +14,7 @@ each the median of CUDA-graph replays (scripts/bench_gemm.py's `bench`). Prints 
 and compiled / linear per M: the fraction a fused Hadamard + quantization kernel would have to beat.
 
     python scripts/bench_online_rotation.py [--rows 1 8 64 512 4096]
-    python scripts/bench_online_rotation.py --check     # CPU: apply() equals x @ Q on both shapes
+    python scripts/bench_online_rotation.py --check     # CPU: apply() equals x Q (block by block) on both shapes
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ import torch
 
 from dgqtool.quant.rotate import factored_hadamard
 
-SHAPES = {"smollm2-135m down": (576, 1536), "llama-2-7b down": (4096, 11008)}
+SHAPES = {"smollm2-135m down": (576, 1536, 64), "llama-2-7b down": (4096, 11008, 128)}  # (out, in, group)
 ROWS = [1, 8, 64, 512, 4096]
-GROUP = 64
 
 
 def check() -> None:
-    for name, (_, n) in SHAPES.items():
+    for name, (_, n, _) in SHAPES.items():
         f = factored_hadamard(n, seed=2)
         x = torch.randn(5, n, dtype=torch.float64)
-        err = (f.apply(x) - x @ f.matrix()).abs().max().item()
+        blockwise = ((x * f.signs).reshape(5, -1, f.block) @ f.block_matrix()).reshape(5, n)  # Q block by block
+        err = (f.apply(x) - blockwise).abs().max().item()
         assert err < 1e-10, (name, err)
         print(f"{name}: n = {n}, blocks of {f.block} = {f.paley.shape[0]} x {f.sylvester_order}, |apply - x Q| = {err:.1e}")
 
@@ -48,18 +49,18 @@ def measure(rows: list[int]) -> None:
     assert lib is not None, "kernel library unavailable"
     print("| shape | M | rotate us | compiled us | dense us | DGQ linear us | rotate / linear | compiled / linear |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, (out_features, n) in SHAPES.items():
-        f = factored_hadamard(n, seed=2)
+    for name, (out_features, n, group) in SHAPES.items():
+        f = factored_hadamard(n, seed=2).to("cuda")  # no host copies inside the captured graphs
         dense = f.matrix().to("cuda", torch.bfloat16)
         compiled = torch.compile(f.apply, fullgraph=True)
-        w = random_dual_grained(out_features, n, GROUP, torch.Generator().manual_seed(0))
+        w = random_dual_grained(out_features, n, group, torch.Generator().manual_seed(0))
         weight = (pack_nibbles(w.codes).cuda(), w.s2.cuda(), w.zero.cuda(), w.s1.half().cuda())
         for m in rows:
             x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
             rotate = bench(lambda: f.apply(x))
             fused = bench(lambda: compiled(x))
             matmul = bench(lambda: x @ dense)
-            linear = bench(lambda: runtime.dgq_linear(lib, x, *weight, GROUP))
+            linear = bench(lambda: runtime.dgq_linear(lib, x, *weight, group))
             print(f"| {name} | {m} | {rotate:.1f} | {fused:.1f} | {matmul:.1f} | {linear:.1f} | "
                   f"{rotate / linear:.2f} | {fused / linear:.2f} |", flush=True)
 

@@ -99,14 +99,17 @@ ROWS: dict[str, Row] = {
 
 class OnlineRotation(nn.Module):
     """x -> x Q in float before the next module, in the factored form a runtime would apply
-    (scripts/bench_online_rotation.py times it): what a fused Hadamard + quantize kernel would do."""
+    (scripts/bench_online_rotation.py times it): what a fused Hadamard + quantize kernel would do.
+    The factors are buffers, so they move with the layer."""
 
     def __init__(self, rotation: FactoredHadamard):
         super().__init__()
-        self.rotation = rotation
+        self.register_buffer("signs", rotation.signs)
+        self.register_buffer("paley", rotation.paley)
+        self.sylvester_order = rotation.sylvester_order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rotation.apply(x)
+        return FactoredHadamard(self.signs, self.paley, self.sylvester_order).apply(x)
 
 
 def _online_adapter(adapter: Adapter) -> Adapter:
@@ -118,7 +121,7 @@ def _online_adapter(adapter: Adapter) -> Adapter:
 def prepare(model: nn.Module, adapter: Adapter, spec_row: Row, seed: int, device: str) -> None:
     """The float model as the row's stages see it: rotated, optionally with online down rotation."""
     rotate_model(model, adapter, spec_row.rotate, seed, value_heads=spec_row.value_heads, device=device)
-    if spec_row.online_down:  # on SmolLM2 (1536 = 12 x 128) the same Q as rotation_matrix("hadamard", ...)
+    if spec_row.online_down:  # SmolLM2 (1536 = 12 x 128): rotation_matrix("hadamard")'s Q; 11008: blocks of 256
         rotation = factored_hadamard(model.config.intermediate_size, seed + 2)
         q = rotation.matrix()
         for layer in decoder_layers(model, adapter):

@@ -12,7 +12,7 @@ kernel's device time per token into categories:
     python scripts/profile_decode.py [--layers 32] [--steps 8] [--batch 256]
 
 At batch 256 the bf16 KV cache is what bench_e2e's decode rows were estimated to be bound by
-(docs/kernels.md): the attention row measures it.
+(docs/kernels.md): the attention row measures its reads (the cache writes count under other).
 """
 
 from __future__ import annotations

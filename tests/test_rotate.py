@@ -178,10 +178,9 @@ def test_rotated_checkpoint_verifies_and_round_trips(tiny_llama, tiny_opt, corpu
 @pytest.mark.parametrize("n,paley,sylvester", [(1536, 12, 128), (576, 36, 16), (1024, 1, 1024), (344, 1, 8), (92, 1, 4)])
 def test_factored_hadamard_applies_its_own_matrix(n, paley, sylvester):
     """The online rotation's factors: the largest block of a Paley order (<= 64) times a power of
-    two, the largest power among equal blocks (344 = 43 x 8, like Llama's 11008 = 43 x 256, has
-    none whole: blocks of 8); apply() (a small dense P and a fast Walsh-Hadamard transform) is
-    x Q for the dense orthogonal Q that folds into the weight, random_hadamard's Q where the block
-    is block_order(n)."""
+    two, the largest power among equal blocks (344 = 43 x 8 has no larger order: blocks of 8);
+    apply() (a small dense P and a fast Walsh-Hadamard transform, in float32) is x Q for the dense
+    orthogonal Q that folds into the weight, random_hadamard's Q where the block is block_order(n)."""
     from dgqtool.quant.rotate import factored_hadamard
 
     f = factored_hadamard(n, seed=7)
@@ -193,8 +192,21 @@ def test_factored_hadamard_applies_its_own_matrix(n, paley, sylvester):
         assert torch.equal(q, random_hadamard(n, seed=7))
     x = torch.randn(2, 3, n, dtype=torch.float64)
     assert torch.allclose(f.apply(x), x @ q, atol=1e-12)
-    assert f.apply(x.float()).dtype == torch.float32
+    half = x.to(torch.bfloat16)
+    exact = half.double() @ q
+    got = f.apply(half)
+    # computed in float32, rounded to bf16 once: within one bf16 rounding of the exact product
+    assert got.dtype == torch.bfloat16 and ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
     assert torch.equal(f.signs, factored_hadamard(n, seed=7).signs) and not torch.equal(f.signs, factored_hadamard(n, seed=8).signs)
+
+
+def test_llama_down_width_gets_blocks_of_256_though_a_whole_order_exists():
+    """11008 = 2 x 5504 with 5503 prime (Paley I): random_hadamard rotates it whole, but the online
+    form keeps its dense factor small."""
+    from dgqtool.quant.rotate import _paley_construction, factored_hadamard
+
+    f = factored_hadamard(11008, seed=0)
+    assert _paley_construction(5504) == 1 and (f.paley.shape[0], f.sylvester_order) == (1, 256)
 
 
 def test_online_rotation_benchmark_checks_its_transform_on_cpu():

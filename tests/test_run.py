@@ -92,11 +92,22 @@ def test_the_streamer_stops_at_the_end_of_sequence_token():
             self.seen.append("end")
 
     sink = Sink()
-    clock = _TokenClock(sink, stop=2)
-    for value in ([[7, 8, 9]], [5], [2], [6], [4]):  # the prompt, then tokens
+    clock = _TokenClock(sink, stop=frozenset({2, 3}))
+    for value in ([[7, 8, 9]], [5], [3], [6], [2]):  # the prompt, then tokens: 3 is one of two end ids
         clock.put(torch.tensor(value))
     clock.end()
-    assert sink.seen == [[[7, 8, 9]], [5], [2], "end"] and len(clock.times) == 2
+    assert sink.seen == [[[7, 8, 9]], [5], [3], "end"] and len(clock.times) == 2
+
+
+def test_end_tokens_join_the_tokenizer_and_the_generation_config():
+    from types import SimpleNamespace
+
+    from dgqtool.run import end_tokens
+
+    tokenizer = SimpleNamespace(eos_token_id=2)
+    assert end_tokens(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[2, 9, 11])), tokenizer) == {2, 9, 11}
+    assert end_tokens(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)), tokenizer) == {2}
+    assert end_tokens(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == frozenset()
 
 
 @pytest.mark.parametrize("damage", ["missing_dir", "missing_tensor", "format_version"])

@@ -40,10 +40,10 @@ class Generation:
 
 class _TokenClock:
     """A generate() streamer that stamps every new token (the first put is the prompt) and passes
-    everything on to a text streamer, if there is one, up to the first `stop` token: the CUDA graph
+    everything on to a text streamer, if there is one, up to the first of the `stop` tokens: the CUDA graph
     decoder runs its steps past an end-of-sequence token, and what follows it is not the answer."""
 
-    def __init__(self, inner=None, stop: int | None = None):
+    def __init__(self, inner=None, stop: frozenset[int] = frozenset()):
         self.inner, self.stop = inner, stop
         self.restart()
 
@@ -56,7 +56,7 @@ class _TokenClock:
             return
         if self._prompt_seen:
             self.times.append(time.perf_counter())
-            self._stopped = self.stop is not None and value.numel() == 1 and int(value) == self.stop
+            self._stopped = value.numel() == 1 and int(value) in self.stop
         self._prompt_seen = True
         if self.inner is not None:
             self.inner.put(value)
@@ -64,6 +64,13 @@ class _TokenClock:
     def end(self) -> None:
         if self.inner is not None:
             self.inner.end()
+
+
+def end_tokens(model, tokenizer) -> frozenset[int]:
+    """Every end-of-sequence id: the tokenizer's and the generation config's (a list for Llama 3)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return frozenset(ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -96,7 +103,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tempera
     if stream is not None:
         text_streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         text_streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n", file=stream, flush=True)
-    clock = _TokenClock(text_streamer, tokenizer.eos_token_id)
+    clock = _TokenClock(text_streamer, end_tokens(model, tokenizer))
     start = time.perf_counter()
     new = _decode(model, tokenizer, ids, max_new_tokens, temperature, clock, device, step_model, cache_len)
     times = clock.times[: new.numel()]  # the graph decoder runs past an end-of-sequence token
@@ -115,7 +122,7 @@ def _decode(model, tokenizer, ids, max_new_tokens: int, temperature: float, cloc
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=clock,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
         return out[0, ids.shape[1]:]
-    stops = (new == tokenizer.eos_token_id).nonzero()
+    stops = torch.isin(new, torch.tensor(sorted(end_tokens(model, tokenizer)), device=new.device)).nonzero()
     return new[: int(stops[0]) + 1] if len(stops) else new
 
 

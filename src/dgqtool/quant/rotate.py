@@ -116,39 +116,50 @@ class FactoredHadamard:
     per token instead of n^2. P is a Paley matrix of order p (1 x 1 when the block is a power of
     two), S the Sylvester matrix of order t, applied as a fast Walsh-Hadamard transform."""
 
-    signs: torch.Tensor  # (n,) float64, +-1
-    paley: torch.Tensor  # (p, p) float64
+    signs: torch.Tensor  # (n,) +-1
+    paley: torch.Tensor  # (p, p)
     sylvester_order: int  # t
 
     @property
     def block(self) -> int:
         return self.paley.shape[0] * self.sylvester_order
 
+    def to(self, device) -> FactoredHadamard:
+        """The factors on `device` (float64): apply() then moves nothing, so it can be graph-captured."""
+        return FactoredHadamard(self.signs.to(device), self.paley.to(device), self.sylvester_order)
+
+    def block_matrix(self) -> torch.Tensor:
+        """One (b, b) float64 block of the Hadamard part, P kron S / sqrt(b)."""
+        return torch.kron(self.paley.double().cpu(), _sylvester(self.sylvester_order)) / self.block**0.5
+
     def matrix(self) -> torch.Tensor:
         """The dense (n, n) float64 Q, to fold Q^T into the weight that reads the rotated input."""
         n = self.signs.shape[0]
-        h = torch.kron(self.paley, _sylvester(self.sylvester_order))
-        return self.signs.unsqueeze(1) * torch.block_diag(*[h] * (n // self.block)) / self.block**0.5
+        return self.signs.double().cpu().unsqueeze(1) * torch.block_diag(*[self.block_matrix()] * (n // self.block))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., n) -> x Q in x's dtype: each block of p t features as a (p, t) matrix V -> P^T V S."""
+        """x (..., n) -> x Q in x's dtype, computed in float32 at least (16-bit butterflies would
+        round at each of the log2 t stages): each block of p t features as a (p, t) matrix V -> P^T V S."""
         p, t = self.paley.shape[0], self.sylvester_order
-        v = (x * self.signs.to(x.device, x.dtype)).reshape(*x.shape[:-1], -1, p, t)
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+        signs = self.signs.to(x.device, wide) * self.block**-0.5
+        v = (x.to(wide) * signs).reshape(*x.shape[:-1], -1, p, t)
         if p > 1:
-            v = self.paley.T.to(x.device, x.dtype) @ v
+            v = self.paley.T.to(x.device, wide) @ v
         lead, h = v.shape[:-1], 1
         while h < t:  # V S_t with S_2h = [[S_h, S_h], [S_h, -S_h]]: butterflies of stride 1, 2, 4, ...
             pairs = v.reshape(*lead, t // (2 * h), 2, h)
             v = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
             v, h = v.reshape(*lead, t), 2 * h
-        return (v * self.block**-0.5).reshape(x.shape)
+        return v.reshape(x.shape).to(x.dtype)
 
 
 def factored_hadamard(n: int, seed: int, max_paley: int = 64) -> FactoredHadamard:
     """The online rotation of n features: the largest block p t dividing n with p a Paley order up
     to max_paley (or 1) and t a power of two, the largest t among equals -- random_hadamard(n, seed)
-    itself wherever block_order(n) factors so (1536 = 12 x 128, 576 = 36 x 16, 4096 = 1 x 4096);
-    11008 = 43 x 256 has no such full order and gets blocks of 256."""
+    itself wherever block_order(n) factors so (1536 = 12 x 128, 576 = 36 x 16, 4096 = 1 x 4096).
+    Llama-2-7B's 11008 has a whole order here (Paley 5504 x 2), but a dense factor of 5504 per token
+    is no online rotation: it gets blocks of 256."""
     candidates = [(p, 1 << k) for k in range(n.bit_length()) for p in range(1, max_paley + 1)
                   if n % (p << k) == 0 and (p == 1 or _paley_construction(p))]
     p, t = max(candidates, key=lambda pt: (pt[0] * pt[1], pt[1]))
