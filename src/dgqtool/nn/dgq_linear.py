@@ -57,9 +57,10 @@ class _W4A8Linear(nn.Module):
         return self.FORMAT.decode({name: getattr(self, name) for name in self.FORMAT.names()})
 
     def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        bias = self._buffers["bias"]
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
         self._cache = None  # device/dtype moves invalidate the unpacked weight
@@ -83,8 +84,9 @@ class DGQLinear(_W4A8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # off CUDA the op runs the integer reference, on the int8 weight expanded once and kept
         w_s8 = None if x.is_cuda else self.int8_weight()
-        out = ops.linear(x.reshape(-1, self.in_features), self.qweight, self.scales_s2, self.qzeros, self.scales_s1,
-                         self.group, self.input_scale, w_s8)
+        b = self._buffers  # one dict lookup, not nn.Module.__getattr__ per buffer: eager decode is host-bound
+        out = ops.linear(x if x.dim() == 2 else x.reshape(-1, self.in_features), b["qweight"], b["scales_s2"],
+                         b["qzeros"], b["scales_s1"], self.group, b[INPUT_SCALE], w_s8)
         return self._finish(out, x)
 
 
