@@ -4,8 +4,8 @@ The default implementation (CPU and any device the kernels do not cover) is the 
 reference: int8 activations per token (or with the static scale), the exact int8 weight
 S2 * (code - zp), int32 accumulation, then s_x * s1. The caller may pass that int8 weight when it
 holds one (DGQLinear caches it), else it is expanded from the packed codes on each call. On CUDA
-the kernel library runs it (kernels/runtime.py's dgq_linear), computing the same integers and the
-same fp32 epilogue. The fake implementation gives shapes to torch.compile.
+the kernel library runs it (below), computing the same integers and the same fp32 epilogue. The
+fake implementation gives shapes to torch.compile.
 
 Registered through the low-level `torch.library.Library`, not `torch.library.custom_op`: the
 latter's Python wrapper (autograd shim, alias checks) costs about 10 us per call on the host,
@@ -25,9 +25,9 @@ import warnings
 
 import torch
 
+from ..errors import DGQError
 from ..format import WEIGHT_FORMATS
 from ..gemm import dual_scale_gemm
-from ..errors import DGQError
 from ..kernels import build, runtime
 from ..quant.quantizer import quantize_per_tensor, quantize_per_token
 
