@@ -46,12 +46,13 @@ def reference(x: torch.Tensor, qweight: torch.Tensor, scales_s2: torch.Tensor, q
     return dual_scale_gemm(x_q, s_x, w_s8, scales_s1, x.dtype)
 
 
-def _kernels_take(group: int) -> bool:
-    return group > 0 and group % KERNEL_WORD == 0
+def _kernel_library(x: torch.Tensor, group: int) -> runtime.KernelLibrary | None:
+    """The library that runs x at this group size, or None: the integer reference runs it."""
+    return runtime.library_for(x) if group > 0 and group % KERNEL_WORD == 0 else None
 
 
 def _cuda(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale=None, w_s8=None):
-    lib = runtime.library_for(x) if _kernels_take(group) else None
+    lib = _kernel_library(x, group)
     if lib is None:
         return reference(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8)
     return runtime.dgq_linear(lib, x, qweight, scales_s2, qzeros, scales_s1, group, input_scale)
@@ -62,7 +63,7 @@ def _fake(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale=None, w_s
 
 
 def _plan(x, qweight, group, is_static):
-    lib = runtime.library_for(x) if _kernels_take(group) else None
+    lib = _kernel_library(x, group)
     return [0] if lib is None else runtime.native_plan(lib, x, qweight.shape[0])
 
 

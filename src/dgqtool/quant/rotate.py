@@ -102,11 +102,15 @@ def _random_signs(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
 
 
+def _signed_blocks(signs: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """diag(signs) blockdiag(block, block, ...): (n, n) float64."""
+    return signs.double().cpu().unsqueeze(1) * torch.block_diag(*[block] * (signs.shape[0] // block.shape[0]))
+
+
 def random_hadamard(n: int, seed: int) -> torch.Tensor:
     """Orthogonal diag(s) H / sqrt(b) with random signs s; H block-diagonal in block_order(n)."""
     b = block_order(n)
-    h = torch.block_diag(*[_hadamard_or_none(b)] * (n // b)) / b**0.5
-    return _random_signs(n, seed).unsqueeze(1) * h
+    return _signed_blocks(_random_signs(n, seed), _hadamard_or_none(b) / b**0.5)
 
 
 @dataclass(frozen=True)
@@ -134,8 +138,7 @@ class FactoredHadamard:
 
     def matrix(self) -> torch.Tensor:
         """The dense (n, n) float64 Q, to fold Q^T into the weight that reads the rotated input."""
-        n = self.signs.shape[0]
-        return self.signs.double().cpu().unsqueeze(1) * torch.block_diag(*[self.block_matrix()] * (n // self.block))
+        return _signed_blocks(self.signs, self.block_matrix())
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., n) -> x Q in x's dtype, computed in float32 at least (16-bit butterflies would
