@@ -557,6 +557,111 @@ int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_sc
   }
 }
 
+
+// Per-token int8 quantization of x Q with the online rotation Q = diag(s) blockdiag(S_t) / sqrt(t)
+// fused in (quant/rotate.py FactoredHadamard with no Paley factor), so x Q never goes to memory.
+// `signs` holds s / sqrt(t) in float32. A lane owns E = t / 32 consecutive features of a t-block
+// (one load), a warp a block at a time, the block's warps R blocks each, held in registers. The
+// butterflies run in FactoredHadamard.apply's order -- strides 1, 2, ..., t / 2, each one fp32 add
+// or subtract, in registers below E and across lanes from E on -- so the rotated values, and with
+// quantize_one the codes, are bit-identical to that float32 reference.
+template <typename In, int E, int R, int W>
+__global__ void __launch_bounds__(32 * W) hadamard_quantize_rows_kernel(const In* __restrict__ x,
+                                                                     const float* __restrict__ signs,
+                                                                     int8_t* __restrict__ q, float* __restrict__ scale,
+                                                                     const float* __restrict__ static_scale, int k) {
+  constexpr int T = 32 * E;
+  static_assert(E * sizeof(In) <= 16 && (E & (E - 1)) == 0, "a lane loads its E features at once");
+  __shared__ float warp_max[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32, blocks = k / T;
+  const int64_t row = blockIdx.x;
+  float v[R][E];
+  float amax = 0.f;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int b = warp + r * warps;
+    if (b >= blocks) continue;
+    const int f0 = b * T + lane * E;
+    In raw[E];
+    if constexpr (E * sizeof(In) == 16) {
+      *reinterpret_cast<uint4*>(raw) = *reinterpret_cast<const uint4*>(x + row * k + f0);
+    } else if constexpr (E * sizeof(In) == 8) {
+      *reinterpret_cast<uint2*>(raw) = *reinterpret_cast<const uint2*>(x + row * k + f0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) raw[e] = x[row * k + f0 + e];
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) v[r][e] = __fmul_rn(to_float(raw[e]), signs[f0 + e]);  // never fused into an FMA
+#pragma unroll
+    for (int h = 1; h < E; h *= 2)  // strides within the lane's E features
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if (!(e & h)) {
+          const float a = v[r][e], c = v[r][e + h];
+          v[r][e] = __fadd_rn(a, c), v[r][e + h] = __fsub_rn(a, c);
+        }
+#pragma unroll
+    for (int h = 1; h < 32; h *= 2) {  // strides E * h: the partner lane holds the other half
+      const bool upper = lane & h;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float other = __shfl_xor_sync(0xffffffffu, v[r][e], h);
+        v[r][e] = upper ? __fsub_rn(other, v[r][e]) : __fadd_rn(v[r][e], other);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(v[r][e]));
+  }
+  const float s = static_scale == nullptr ? row_scale<32 * W>(amax, warp_max) : static_scale[0];
+  const float rs = __frcp_rn(s);
+  if (threadIdx.x == 0) scale[row] = s;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int b = warp + r * warps;
+    if (b >= blocks) continue;
+    int8_t out[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) out[e] = quantize_one(v[r][e], s, rs);
+    int8_t* dst = q + row * k + b * T + lane * E;
+#pragma unroll
+    for (int e = 0; e < E; ++e) dst[e] = out[e];
+  }
+}
+
+// W warps per row: 32 while the rows alone fill too few warps (decode, small batches), so a
+// row's blocks are spread over more warps and the row's latency shrinks; 8 for many rows.
+template <typename In>
+int hadamard_quantize_rows(const void* x, const float* signs, int8_t* q, float* scale, const float* static_scale,
+                           int m, int k, int t, cudaStream_t stream) {
+  if (m < 1 || t < 64 || k % t) return 1;
+  const bool wide = m <= 64 && k / t > 8;
+  const int warps = wide ? 32 : 8, per_warp = (k / t + warps - 1) / warps;
+  auto run = [&](auto kernel) {
+    kernel<<<m, 32 * warps, 0, stream>>>(static_cast<const In*>(x), signs, q, scale, static_scale, k);
+    return cudaGetLastError() == cudaSuccess ? 0 : 3;
+  };
+#define DGQ_HADAMARD_BLOCK(E)                                                                          \
+  if (t == 32 * E) {                                                                                   \
+    if (wide) {                                                                                        \
+      if (per_warp <= 1) return run(hadamard_quantize_rows_kernel<In, E, 1, 32>);                      \
+      if (per_warp <= 2) return run(hadamard_quantize_rows_kernel<In, E, 2, 32>);                      \
+      if (per_warp <= 4) return run(hadamard_quantize_rows_kernel<In, E, 4, 32>);                      \
+    } else {                                                                                           \
+      if (per_warp <= 1) return run(hadamard_quantize_rows_kernel<In, E, 1, 8>);                       \
+      if (per_warp <= 2) return run(hadamard_quantize_rows_kernel<In, E, 2, 8>);                       \
+      if (per_warp <= 4) return run(hadamard_quantize_rows_kernel<In, E, 4, 8>);                       \
+      if (per_warp <= 6) return run(hadamard_quantize_rows_kernel<In, E, 6, 8>);                       \
+      if (per_warp <= 8) return run(hadamard_quantize_rows_kernel<In, E, 8, 8>);                       \
+    }                                                                                                  \
+  }
+  DGQ_HADAMARD_BLOCK(2)
+  DGQ_HADAMARD_BLOCK(4)
+  DGQ_HADAMARD_BLOCK(8)
+#undef DGQ_HADAMARD_BLOCK
+  return 1;
+}
+
 }  // namespace
 
 // C entry points (loaded with ctypes). Return 0 on success, 1 unsupported shape, 3 launch error.
@@ -634,4 +739,16 @@ extern "C" int dgq_permute_s8(const int8_t* x, int8_t* y, int m, int k, cudaStre
   const int64_t threads = static_cast<int64_t>(m) * (k_pad / 8);
   permute_s8_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(x, y, m, k, k_pad);
   return cudaGetLastError() == cudaSuccess ? 0 : 3;
+}
+
+// x (m, k) -> int8 codes and scales of x Q, Q the online rotation in blocks of t = 64, 128 or 256
+// features (signs: s / sqrt(t), float32); k a multiple of t, at most 64 blocks a row.
+extern "C" int dgq_hadamard_quantize_rows_f16(const void* x, const float* signs, int8_t* q, float* scale,
+                                              const float* static_scale, int m, int k, int t, cudaStream_t stream) {
+  return hadamard_quantize_rows<__half>(x, signs, q, scale, static_scale, m, k, t, stream);
+}
+
+extern "C" int dgq_hadamard_quantize_rows_bf16(const void* x, const float* signs, int8_t* q, float* scale,
+                                               const float* static_scale, int m, int k, int t, cudaStream_t stream) {
+  return hadamard_quantize_rows<__nv_bfloat16>(x, signs, q, scale, static_scale, m, k, t, stream);
 }

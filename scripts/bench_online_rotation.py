@@ -10,8 +10,11 @@ g128 as in docs/kernels.md), bf16:
   compiled   the same through torch.compile (inductor fuses the butterflies);
   dense      x @ Q with the dense (n, n) bf16 matrix, for scale;
   linear     the whole DGQ down linear (activation quantization + the dispatched kernel);
+  quantize   the per-token int8 quantization alone, and
+  fused      the rotation fused into it (dgq_hadamard_quantize_rows: Sylvester blocks only, so
+             SmolLM2's 12 x 128 is timed as blocks of 128, what a block-diagonal format would pay);
 each the median of CUDA-graph replays (scripts/bench_gemm.py's `bench`). Prints rotate / linear
-and compiled / linear per M: the fraction a fused Hadamard + quantization kernel would have to beat.
+and compiled / linear per M, and what the fused kernel adds over the plain quantization.
 
     python scripts/bench_online_rotation.py [--rows 1 8 64 512 4096]
     python scripts/bench_online_rotation.py --check     # CPU: apply() equals x Q (block by block) on both shapes
@@ -47,22 +50,28 @@ def measure(rows: list[int]) -> None:
 
     lib = runtime.library(torch.device("cuda"))
     assert lib is not None, "kernel library unavailable"
-    print("| shape | M | rotate us | compiled us | dense us | DGQ linear us | rotate / linear | compiled / linear |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | M | rotate us | compiled us | dense us | DGQ linear us | rotate / linear | compiled / linear "
+          "| quantize us | fused us | (fused - quantize) / linear |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (out_features, n, group) in SHAPES.items():
         f = factored_hadamard(n, seed=2).to("cuda")  # no host copies inside the captured graphs
         dense = f.matrix().to("cuda", torch.bfloat16)
         compiled = torch.compile(f.apply, fullgraph=True)
         w = random_dual_grained(out_features, n, group, torch.Generator().manual_seed(0))
         weight = (pack_nibbles(w.codes).cuda(), w.s2.cuda(), w.zero.cuda(), w.s1.half().cuda())
+        block = f.sylvester_order if f.paley.shape[0] == 1 else 128
+        signs = f.signs.to(torch.float32) * block**-0.5
         for m in rows:
             x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
             rotate = bench(lambda: f.apply(x))
             fused = bench(lambda: compiled(x))
             matmul = bench(lambda: x @ dense)
             linear = bench(lambda: runtime.dgq_linear(lib, x, *weight, group))
+            plain = bench(lambda: runtime.quantize_rows(lib, x))
+            fused_quant = bench(lambda: runtime.hadamard_quantize_rows(lib, x, signs, block))
             print(f"| {name} | {m} | {rotate:.1f} | {fused:.1f} | {matmul:.1f} | {linear:.1f} | "
-                  f"{rotate / linear:.2f} | {fused / linear:.2f} |", flush=True)
+                  f"{rotate / linear:.2f} | {fused / linear:.2f} | {plain:.1f} | {fused_quant:.1f} | "
+                  f"{(fused_quant - plain) / linear:.2f} |", flush=True)
 
 
 def main() -> None:

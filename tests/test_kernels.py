@@ -402,3 +402,30 @@ def test_dgq_linear_on_gpu_equals_cpu_reference(static):
     for batch, rows in ((1, 1), (3, 1), (3, 8), (3, 40)):  # decode (fused GEMV), small M (tensor cores), prefill
         out = gpu_module(x[:batch, :rows].cuda())
         assert torch.equal(out.cpu(), ref[:batch, :rows])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k,block", [(11008, 256), (1536, 128), (2048, 64), (256, 256), (16384, 256)])
+@pytest.mark.parametrize("static", [False, True])
+def test_fused_hadamard_quantization_equals_rotating_then_quantizing(dtype, k, block, static):
+    """The online rotation fused into the per-token quantizer: bit-identical codes and scales to
+    FactoredHadamard.apply in float32 followed by the torch quantizer, with outlier channels (what
+    the rotation spreads), ragged M, blocks of 64 / 128 / 256 and 1 / 2 / 4 / 6 / 8 of them a warp,
+    32-warp rows (M <= 64) and 8-warp rows (M = 300, 600)."""
+    from dgqtool.kernels import runtime
+    from dgqtool.quant.rotate import FactoredHadamard
+
+    lib = _library()
+    signs = torch.randint(0, 2, (k,), generator=torch.Generator().manual_seed(3)).double() * 2 - 1
+    rotation = FactoredHadamard(signs, torch.ones(1, 1, dtype=torch.float64), block).to("cuda")
+    signs = rotation.signs.to(torch.float32) * rotation.block**-0.5
+    scale = torch.tensor([0.05], device="cuda") if static else None
+    for m in (1, 7, 300, 600):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        x[:, :3] *= 40  # massive channels
+        y = rotation.apply(x.float())
+        want_q, want_s = quantize_per_tensor(y, scale) if static else quantize_per_token(y)
+        q, s = runtime.hadamard_quantize_rows(lib, x, signs, block, scale)
+        assert torch.equal(s, want_s.expand_as(s)) and torch.equal(q, want_q), (m, k, block)
+

@@ -69,6 +69,8 @@ class KernelLibrary:
             self._sig(f"dgq_quantize_rows_{suffix}", [ptr] * 4 + [i32, i32, ptr])
             self._sig(f"dgq_quantize_rows_perm_{suffix}", [ptr] * 4 + [i32, i32, ptr])
         self._sig("dgq_permute_s8", [ptr, ptr, i32, i32, ptr])
+        for suffix in _OUT_SUFFIX.values():
+            self._sig(f"dgq_hadamard_quantize_rows_{suffix}", [ptr] * 5 + [i32] * 3 + [ptr])
         listing = path.parent / "wgmma_variants.json"
         self.wgmma_variants = [(128 * v["mt"], v["bn"], v["stages"], v["cluster"])
                                for v in json.loads(listing.read_text())] if listing.is_file() else []
@@ -149,6 +151,21 @@ def quantize_rows(lib: KernelLibrary, x: torch.Tensor, static_scale: torch.Tenso
     static = None if static_scale is None else static_scale.float().contiguous()
     lib.call(f"dgq_quantize_rows_{_IN_SUFFIX[x.dtype]}", x.data_ptr(), q.data_ptr(), scale.data_ptr(),
              None if static is None else static.data_ptr(), m, k, _stream(x.device))
+    return q, scale
+
+
+def hadamard_quantize_rows(lib: KernelLibrary, x: torch.Tensor, signs: torch.Tensor, block: int,
+                           static_scale: torch.Tensor | None = None):
+    """(M, K) fp16/bf16 -> int8 codes (M, K) and float32 scales (M, 1) of x Q, Q the online rotation
+    in Sylvester blocks of `block` (64, 128 or 256) features with signs s / sqrt(block) (float32,
+    FactoredHadamard's): quantize_per_token(FactoredHadamard.apply(x.float())) in one kernel."""
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    static = None if static_scale is None else static_scale.float().contiguous()
+    lib.call(f"dgq_hadamard_quantize_rows_{_OUT_SUFFIX[x.dtype]}", x.data_ptr(), signs.data_ptr(), q.data_ptr(),
+             scale.data_ptr(), None if static is None else static.data_ptr(), m, k, block, _stream(x.device))
     return q, scale
 
 
