@@ -564,12 +564,14 @@ int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_sc
 // (one load), a warp a block at a time, the block's warps R blocks each, held in registers. The
 // butterflies run in FactoredHadamard.apply's order -- strides 1, 2, ..., t / 2, each one fp32 add
 // or subtract, in registers below E and across lanes from E on -- so the rotated values, and with
-// quantize_one the codes, are bit-identical to that float32 reference.
+// quantize_one the codes, are bit-identical to that float32 reference. With `rotated` set it
+// writes x Q rounded once to In instead (what FactoredHadamard.apply returns) and quantizes nothing.
 template <typename In, int E, int R, int W>
 __global__ void __launch_bounds__(32 * W) hadamard_quantize_rows_kernel(const In* __restrict__ x,
                                                                      const float* __restrict__ signs,
                                                                      int8_t* __restrict__ q, float* __restrict__ scale,
-                                                                     const float* __restrict__ static_scale, int k) {
+                                                                     const float* __restrict__ static_scale,
+                                                                     In* __restrict__ rotated, int k) {
   constexpr int T = 32 * E;
   static_assert(E * sizeof(In) <= 16 && (E & (E - 1)) == 0, "a lane loads its E features at once");
   __shared__ float warp_max[32];
@@ -613,6 +615,17 @@ __global__ void __launch_bounds__(32 * W) hadamard_quantize_rows_kernel(const In
 #pragma unroll
     for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(v[r][e]));
   }
+  if (rotated != nullptr) {  // the same for the whole grid: no thread reaches row_scale's barrier
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int b = warp + r * warps;
+      if (b >= blocks) continue;
+      In* dst = rotated + row * k + b * T + lane * E;
+#pragma unroll
+      for (int e = 0; e < E; ++e) dst[e] = from_float<In>(v[r][e]);
+    }
+    return;
+  }
   const float s = static_scale == nullptr ? row_scale<32 * W>(amax, warp_max) : static_scale[0];
   const float rs = __frcp_rn(s);
   if (threadIdx.x == 0) scale[row] = s;
@@ -633,12 +646,13 @@ __global__ void __launch_bounds__(32 * W) hadamard_quantize_rows_kernel(const In
 // row's blocks are spread over more warps and the row's latency shrinks; 8 for many rows.
 template <typename In>
 int hadamard_quantize_rows(const void* x, const float* signs, int8_t* q, float* scale, const float* static_scale,
-                           int m, int k, int t, cudaStream_t stream) {
+                           void* rotated, int m, int k, int t, cudaStream_t stream) {
   if (m < 1 || t < 64 || k % t) return 1;
   const bool wide = m <= 64 && k / t > 8;
   const int warps = wide ? 32 : 8, per_warp = (k / t + warps - 1) / warps;
   auto run = [&](auto kernel) {
-    kernel<<<m, 32 * warps, 0, stream>>>(static_cast<const In*>(x), signs, q, scale, static_scale, k);
+    kernel<<<m, 32 * warps, 0, stream>>>(static_cast<const In*>(x), signs, q, scale, static_scale,
+                                         static_cast<In*>(rotated), k);
     return cudaGetLastError() == cudaSuccess ? 0 : 3;
   };
 #define DGQ_HADAMARD_BLOCK(E)                                                                          \
@@ -745,10 +759,21 @@ extern "C" int dgq_permute_s8(const int8_t* x, int8_t* y, int m, int k, cudaStre
 // features (signs: s / sqrt(t), float32); k a multiple of t, at most 64 blocks a row.
 extern "C" int dgq_hadamard_quantize_rows_f16(const void* x, const float* signs, int8_t* q, float* scale,
                                               const float* static_scale, int m, int k, int t, cudaStream_t stream) {
-  return hadamard_quantize_rows<__half>(x, signs, q, scale, static_scale, m, k, t, stream);
+  return hadamard_quantize_rows<__half>(x, signs, q, scale, static_scale, nullptr, m, k, t, stream);
 }
 
 extern "C" int dgq_hadamard_quantize_rows_bf16(const void* x, const float* signs, int8_t* q, float* scale,
                                                const float* static_scale, int m, int k, int t, cudaStream_t stream) {
-  return hadamard_quantize_rows<__nv_bfloat16>(x, signs, q, scale, static_scale, m, k, t, stream);
+  return hadamard_quantize_rows<__nv_bfloat16>(x, signs, q, scale, static_scale, nullptr, m, k, t, stream);
+}
+
+// x Q alone, in x's dtype: the online rotation in front of a linear that quantizes its own input.
+extern "C" int dgq_hadamard_rows_f16(const void* x, const float* signs, void* out, int m, int k, int t,
+                                     cudaStream_t stream) {
+  return hadamard_quantize_rows<__half>(x, signs, nullptr, nullptr, nullptr, out, m, k, t, stream);
+}
+
+extern "C" int dgq_hadamard_rows_bf16(const void* x, const float* signs, void* out, int m, int k, int t,
+                                      cudaStream_t stream) {
+  return hadamard_quantize_rows<__nv_bfloat16>(x, signs, nullptr, nullptr, nullptr, out, m, k, t, stream);
 }

@@ -268,7 +268,7 @@ def test_named_recipes_are_the_base_that_configs_and_flags_override(monkeypatch,
     mine = r.load_config(str(tmp_path / "mine.yaml"))
     assert (mine.rotate, mine.gptq, mine.group) == ("auto", False, 64)
     assert r.load_config(str(tmp_path / "mine.yaml"), "paper").rotate == "none"
-    with pytest.raises(DGQError, match="--recipe must be one of paper, rotate-gptq, rotate-capped-gptq; got 'best'"):
+    with pytest.raises(DGQError, match="--recipe must be one of paper, rotate-gptq, rotate-capped-gptq, rotate-online-capped-gptq; got 'best'"):
         r.load_config(None, "best")
     before = {path.stem: r.load_config(str(path)) for path in configs}
     with pytest.raises(DGQError, match="recipe rotate-capped-gptq sets it; --recipe rotate-gptq or paper has none"):

@@ -428,4 +428,33 @@ def test_fused_hadamard_quantization_equals_rotating_then_quantizing(dtype, k, b
         want_q, want_s = quantize_per_tensor(y, scale) if static else quantize_per_token(y)
         q, s = runtime.hadamard_quantize_rows(lib, x, signs, block, scale)
         assert torch.equal(s, want_s.expand_as(s)) and torch.equal(q, want_q), (m, k, block)
+        # the rotation alone (an online-rotated checkpoint's linear then quantizes it itself)
+        assert torch.equal(runtime.hadamard_rows(lib, x, signs, block), rotation.apply(x)), (m, k, block)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k,paley", [(1536, 1), (1536, 12)])
+def test_online_rotated_linear_on_the_gpu_equals_the_cpu_module(dtype, k, paley):
+    """A DGQ linear with an online input rotation at decode, small-M and prefill sizes: the fused
+    rotation kernel (Sylvester blocks of 128) then the dispatched linear is bit-identical to the CPU
+    module; with a Paley factor of 12 the torch ops run it (the factor's GEMM sums in another order
+    on the GPU: within rounding)."""
+    from dgqtool.nn.dgq_linear import DGQLinear
+    from dgqtool.quant.rotate import FactoredHadamard, factored_hadamard
+
+    rotation = factored_hadamard(k, seed=4)
+    if paley == 1:
+        rotation = FactoredHadamard(rotation.signs, torch.ones(1, 1, dtype=torch.float64), 128)
+    assert rotation.paley.shape[0] == paley
+    w = random_dual_grained(576, k, 64, torch.Generator().manual_seed(2))
+    module = DGQLinear.from_weight(w, None, None, dtype, rotation)
+    x = torch.randn(3, 40, k, dtype=dtype)
+    x[..., :2] *= 30
+    ref = module(x)
+    gpu_module = module.cuda()
+    for batch, rows in ((1, 1), (3, 8), (3, 40)):
+        got, want = gpu_module(x[:batch, :rows].cuda()).cpu(), ref[:batch, :rows]
+        exact = torch.equal(got, want)
+        assert exact if paley == 1 else exact or ((got - want).float().norm() / want.float().norm()) < 1e-2, (batch, rows)
 

@@ -220,3 +220,89 @@ def test_online_rotation_benchmark_checks_its_transform_on_cpu():
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "blocks of 1536 = 12 x 128" in done.stdout and "blocks of 256 = 1 x 256" in done.stdout
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_online_rotation_leaves_the_logits(family):
+    """--online-rotation down: W Q folded into down_proj, x -> x Q on its input at run time (a
+    forward pre-hook that runs before any other hook); the float model computes the same logits,
+    with and without the residual rotation."""
+    from dgqtool.models.rotation import online_rotation_of, rotate_online
+    from dgqtool.quant.rotate import factored_hadamard
+
+    model = _tiny(family)
+    adapter = adapter_for(model.config.model_type)
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+    seen = []
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        down = model.model.layers[1].mlp.down_proj
+        weight = down.weight.clone()
+        rotate_online(model, adapter, "down", seed=5)
+        folded = down.weight.double().clone()
+        down.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        after = model(input_ids=ids).logits
+        rotate_model(model, adapter, "hadamard", seed=0)
+        both = model(input_ids=ids).logits
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+    assert ((both - before).norm() / before.norm()).item() < 1e-5
+    rotation = online_rotation_of(down)
+    assert torch.equal(rotation.signs, factored_hadamard(80, 7).signs) and rotation.block == 80  # 20 x 4
+    assert torch.allclose(folded, weight.double() @ rotation.matrix(), atol=1e-6)
+    # a later hook sees the rotated input: what calibration and the search record
+    assert seen and seen[0].abs().amax(-1).std() > 0
+    assert online_rotation_of(model.model.layers[1].mlp.up_proj) is None
+
+
+def test_online_rotation_is_refused_where_the_family_has_no_entry():
+    from dgqtool.models.rotation import rotate_online
+
+    model = _tiny("llama")
+    with pytest.raises(DGQError, match="--online-rotation must be one of none, down; got 'all'"):
+        rotate_online(model, adapter_for("llama"), "all", seed=0)
+    with pytest.raises(DGQError, match="rotation needs an RMSNorm model family; llama"):
+        import dataclasses
+        rotate_online(model, dataclasses.replace(adapter_for("llama"), residual=None), "down", seed=0)
+
+
+def test_online_rotated_checkpoint_loads_everywhere_and_export_refuses(tiny_llama, corpus_file, tmp_path):
+    """`--recipe rotate-online-capped-gptq` end to end: down_proj's input group is not smoothed
+    (nothing to fold into), the checkpoint records the online rotation and carries its factors,
+    load_checkpoint and from_pretrained apply it (bit-identical logits), the module equals its
+    unrotated twin fed x Q, verify passes, and a compressed-tensors export is refused (exit 2)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from dgqtool.checkpoint import load_checkpoint
+    from dgqtool.cli import app
+    from dgqtool.nn.dgq_linear import DGQLinear
+    from dgqtool.quant.rotate import factored_hadamard
+
+    out = tmp_path / "online"
+    common = ["--calib-data", str(corpus_file), "--nsamples", "4", "--seqlen", "64", "--group", "32", "--grid1", "4", "--grid2", "4"]
+    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "-o", str(out), *common, "--recipe", "rotate-online-capped-gptq"])
+    assert result.exit_code == 0, result.output
+    assert "logits vs original" in result.output and "fail" not in result.output.lower()
+    calib = json.loads((out.with_name("online.work") / "calibrate" / "manifest.json").read_text())
+    assert calib["options"]["online_rotation"] == "down"
+    assert not [k for k in calib["foldable"] if "down_proj" in k] and [k for k in calib["foldable"] if "gate_proj" in k]
+    model, tokenizer, q = load_checkpoint(out)
+    assert q["rotation"]["online"] == {"linears": ["mlp.down_proj"], "paley_order": 1, "sylvester_order": 128}
+    stored = load_file(str(out / "model.safetensors"))
+    expected = factored_hadamard(128, 2)
+    for i in range(2):
+        assert torch.equal(stored[f"model.layers.{i}.mlp.down_proj.online_signs"], expected.signs.float())
+    assert "online_signs" not in " ".join(k for k in stored if "up_proj" in k)
+    down = model.model.layers[1].mlp.down_proj
+    plain = DGQLinear(down.in_features, down.out_features, down.group, dtype=torch.float32)
+    plain.load_quantized(down.quantized_weight(), None, None)
+    x = torch.randn(3, 128)
+    assert torch.equal(down(x), plain(expected.apply(x))) and not torch.equal(down(x), plain(x))
+    hf = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", dtype=model.dtype)  # fp16 when packed on a GPU
+    ids = tokenizer("the red house of the old river is open", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, model(ids).logits)
+    refused = CliRunner().invoke(app, ["export", str(out), "-o", str(tmp_path / "ct")])
+    assert refused.exit_code == 2 and "rotates the input of mlp.down_proj online" in refused.output, refused.output
+    assert not (tmp_path / "ct").exists()

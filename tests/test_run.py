@@ -110,9 +110,19 @@ def test_end_tokens_join_the_tokenizer_and_the_generation_config():
     assert end_tokens(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == frozenset()
 
 
-@pytest.mark.parametrize("damage", ["missing_dir", "missing_tensor", "format_version"])
+ONLINE_DAMAGE = {  # rotation.online -> the error: a bad order, a linear the model lacks, factors the tensors lack
+    "online_order": ({"linears": ["mlp.down_proj"], "paley_order": 1, "sylvester_order": 3}, "must be a power of two"),
+    "online_linear": ({"linears": ["mlp.gate"], "paley_order": 1, "sylvester_order": 64}, "names mlp.gate, which is no"),
+    "online_tensors": ({"linears": ["mlp.down_proj"], "paley_order": 1, "sylvester_order": 64},
+                       "tensor model.layers.0.mlp.down_proj.online_signs is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", ["missing_dir", "missing_tensor", "format_version", *ONLINE_DAMAGE])
 def test_run_rejects_bad_checkpoints(checkpoint, tmp_path, damage):
     from safetensors.torch import load_file, save_file
+
+    from dgqtool.artifacts import sha256_file
 
     bad = tmp_path / "bad"
     if damage != "missing_dir":
@@ -121,18 +131,22 @@ def test_run_rejects_bad_checkpoints(checkpoint, tmp_path, damage):
         tensors = load_file(str(bad / "model.safetensors"))
         del tensors["model.layers.1.mlp.down_proj.scales_s2"]
         save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
-        manifest = json.loads((bad / "dgq_manifest.json").read_text())
-        from dgqtool.artifacts import sha256_file
-
-        manifest["files"]["model.safetensors"] = sha256_file(bad / "model.safetensors")
-        (bad / "dgq_manifest.json").write_text(json.dumps(manifest))
     elif damage == "format_version":
         config = json.loads((bad / "config.json").read_text())
         config["quantization_config"]["format_version"] = 99
         (bad / "config.json").write_text(json.dumps(config))
+    elif damage in ONLINE_DAMAGE:
+        config = json.loads((bad / "config.json").read_text())
+        config["quantization_config"]["rotation"] = {"kind": "none", "seed": 0, "online": ONLINE_DAMAGE[damage][0]}
+        (bad / "config.json").write_text(json.dumps(config))
+    if damage in ("missing_tensor", "online_linear", "online_tensors"):  # re-hashed: past the manifest check
+        manifest = json.loads((bad / "dgq_manifest.json").read_text())
+        manifest["files"].update({name: sha256_file(bad / name) for name in ("model.safetensors", "config.json")})
+        (bad / "dgq_manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["run", str(bad)])
     assert result.exit_code == 2, result.output
-    expected = {"missing_dir": "not found", "missing_tensor": "scales_s2", "format_version": "format version 99"}[damage]
+    expected = {"missing_dir": "not found", "missing_tensor": "scales_s2", "format_version": "format version 99",
+                **{k: message for k, (_, message) in ONLINE_DAMAGE.items()}}[damage]
     assert expected in result.output and "Traceback" not in result.output
 
 

@@ -14,7 +14,17 @@ import torch
 
 from .artifacts import read_json, read_tensors
 from .errors import DGQError
-from .format import MANIFEST, PACKED_NAMES, WEIGHT_FORMATS, WEIGHTS, check_files, group_of, read_checkpoint, read_config
+from .format import (
+    MANIFEST,
+    PACKED_NAMES,
+    WEIGHT_FORMATS,
+    WEIGHTS,
+    check_files,
+    group_of,
+    online_rotations,
+    read_checkpoint,
+    read_config,
+)
 from .models.adapters import adapter_for_model, decoder_layers
 from .models.load import DTYPES
 from .nn.dgq_linear import FORMATS, _W4A8Linear
@@ -33,7 +43,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     config, state = read_checkpoint(path)
     q = config["quantization_config"]
     model = _quantized_model(path, state, FORMATS[q["format"]], DTYPES[q["compute_dtype"]],
-                             q["activation"] == "static", lambda linear, where: group_of(q, linear.in_features, where))
+                             q["activation"] == "static", lambda linear, where: group_of(q, linear.in_features, where),
+                             online_rotations(q))
     return model.to(device).eval(), tokenizer(path), q
 
 
@@ -98,16 +109,21 @@ def tokenizer(path: Path):
         raise DGQError(f"{path}: cannot load the tokenizer: {str(exc).splitlines()[0]}") from None
 
 
-def replace_linears(model: torch.nn.Module, module_type: type[_W4A8Linear], dtype, static: bool, group_of_linear) -> None:
+def replace_linears(model: torch.nn.Module, module_type: type[_W4A8Linear], dtype, static: bool, group_of_linear,
+                    online: dict[str, tuple[int, int]]) -> None:
     """Swap every adapter linear of a (meta) model for an empty `module_type` of its shape
-    (MoE: the experts are split into linears first, as at quantization time)."""
+    (MoE: the experts are split into linears first, as at quantization time); `online`: the
+    linears with an online input rotation and its (Paley, Sylvester) orders (format.online_rotations)."""
+    unknown = sorted(set(online) - set(adapter_for_model(model).linear_names()))
+    if unknown:
+        raise DGQError(f"rotation.online names {unknown[0]}, which is no quantized linear of this model")
     adapter = adapter_for_model(model)
     for index, layer in enumerate(decoder_layers(model, adapter)):
         for name in adapter.linear_names():
             linear = layer.get_submodule(name)
             with torch.device("meta"):
                 module = module_type(linear.in_features, linear.out_features, group_of_linear(linear, f"layer {index} {name}"),
-                                     bias=linear.bias is not None, static=static, dtype=dtype)
+                                     bias=linear.bias is not None, static=static, dtype=dtype, online=online.get(name))
             layer.set_submodule(name, module)
 
 
@@ -135,7 +151,7 @@ def packed_problem(model: torch.nn.Module, found: dict[str, tuple]) -> str | Non
     return f"unexpected tensor {extra[0]}" if extra else None
 
 
-def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, group_of_linear):
+def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, group_of_linear, online=None):
     """A transformers model built on meta whose adapter linears are `module_type`, filled from `state`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -144,7 +160,10 @@ def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, 
         del config.quantization_config  # the modules are swapped here, not by a transformers quantizer
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    replace_linears(model, module_type, dtype, static, group_of_linear)
+    try:
+        replace_linears(model, module_type, dtype, static, group_of_linear, online or {})
+    except (ValueError, DGQError) as exc:  # an online rotation that does not fit the model
+        raise DGQError(f"{path}: {exc}") from None
     problem = packed_problem(model, {k: (v.dtype, tuple(v.shape)) for k, v in state.items()})
     if problem:
         raise DGQError(f"{path}: {problem}")

@@ -16,7 +16,7 @@ import torch
 
 from .artifacts import write_json, write_tensors
 from .errors import DGQError
-from .format import CHANNELWISE, CONFIG, MANIFEST, WEIGHTS, read_checkpoint, split_linears, write_dir
+from .format import CHANNELWISE, CONFIG, MANIFEST, WEIGHTS, online_rotations, read_checkpoint, split_linears, write_dir
 from .models.adapters import adapter_for
 from .models.load import DTYPES
 from .quant.dual_grained import DualGrainedWeight, QuantizedWeight
@@ -100,6 +100,10 @@ def export_checkpoint(src: Path, out: Path, fmt: str = "compressed-tensors", for
                     shutil.copy2(path, tmp / path.name)
             return {}
     else:
+        online = sorted(online_rotations(qconfig))
+        if online:
+            raise DGQError(f"{src} rotates the input of {', '.join(online)} online (--online-rotation), which a "
+                           "compressed-tensors checkpoint cannot express; quantize without it to export")
         try:
             import compressed_tensors  # noqa: F401
         except ImportError as exc:

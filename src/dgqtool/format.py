@@ -6,7 +6,11 @@ A checkpoint directory holds config.json (the model's config plus the block), mo
 the tokenizer files and dgq_manifest.json (the sha256 of every other file). Per quantized linear
 `<prefix>`: qweight (out, in/2) uint8, two 4-bit codes per byte with input feature 2i in the low
 nibble; qzeros (out, in/group) uint8 zero points; the format's scales; optionally a static input
-scale input_scale (1,) float32 and a bias. Everything else is stored as the model has it.
+scale input_scale (1,) float32 and a bias; where the block's rotation.online names the linear, its
+online rotation online_signs (in,) float32 (+-1) and online_paley (p, p) float32: the module reads
+x Q, Q = diag(online_signs) blockdiag(online_paley kron S_t) / sqrt(p t) with S_t the Sylvester
+matrix of order t = rotation.online.sylvester_order (quant/rotate.py FactoredHadamard).
+Everything else is stored as the model has it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ MANIFEST = "dgq_manifest.json"
 CHANNELWISE = -1  # group_size of one group per input row (GPTQ's convention)
 ACTIVATIONS = ("dynamic", "static")
 INPUT_SCALE = "input_scale"
+ONLINE_SIGNS, ONLINE_PALEY = "online_signs", "online_paley"
 SCALE_DTYPE = torch.float16  # float scales in a checkpoint; search artifacts keep float32
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -79,7 +84,7 @@ WEIGHT_FORMATS = {
                                                    "scales_s1": Scale("s1", None, False)}),
     "w4-group": WeightFormat("w4-group", GroupWeight, {"scales": Scale("scale", None, True)}),
 }
-PACKED_NAMES = frozenset(n for f in WEIGHT_FORMATS.values() for n in f.names()) | {INPUT_SCALE}
+PACKED_NAMES = frozenset(n for f in WEIGHT_FORMATS.values() for n in f.names()) | {INPUT_SCALE, ONLINE_SIGNS, ONLINE_PALEY}
 
 
 def format_of(weight: QuantizedWeight) -> str:
@@ -162,7 +167,29 @@ def config_problems(config: dict) -> list[str]:
         (q.get("activation") in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}, got {q.get('activation')!r}"),
         (q.get("compute_dtype") in DTYPES, f"compute_dtype must be one of {', '.join(DTYPES)}, got {q.get('compute_dtype')!r}"),
     ]
-    return [message for ok, message in checks if not ok]
+    return [message for ok, message in checks if not ok] + _online_problems(q)
+
+
+def _online_problems(q: dict) -> list[str]:
+    online = (q.get("rotation") or {}).get("online", "none")
+    if online == "none":
+        return []
+    fields_ok = (isinstance(online, dict) and isinstance(online.get("linears"), list) and online["linears"]
+                 and all(isinstance(n, str) for n in online["linears"])
+                 and all(type(online.get(k)) is int and online[k] > 0 for k in ("paley_order", "sylvester_order")))
+    if not fields_ok:
+        return [f"rotation.online must be 'none' or {{linears, paley_order, sylvester_order}}, got {online!r}"]
+    t = online["sylvester_order"]
+    return [] if t & (t - 1) == 0 else [f"rotation.online.sylvester_order must be a power of two, got {t}"]
+
+
+def online_rotations(q: dict) -> dict[str, tuple[int, int]]:
+    """Linear name (within a layer) -> (Paley order, Sylvester order) of its online rotation, from a
+    checked quantization_config; empty when the checkpoint has none."""
+    online = (q.get("rotation") or {}).get("online", "none")
+    if online == "none":
+        return {}
+    return {name: (online["paley_order"], online["sylvester_order"]) for name in online["linears"]}
 
 
 def group_of(q: dict, in_features: int, where: str) -> int:

@@ -47,7 +47,8 @@ def _ranges(model: torch.nn.Module) -> Check:
 
 @torch.no_grad()
 def _integer_vs_float(model: torch.nn.Module, seed: int) -> Check | None:
-    """Each DGQ linear's integer GEMM against fake-quantized activations x dequantized weights."""
+    """Each DGQ linear's integer GEMM against fake-quantized (online-rotated, where the checkpoint
+    says so) activations x dequantized weights."""
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
     count = 0
@@ -56,7 +57,7 @@ def _integer_vs_float(model: torch.nn.Module, seed: int) -> Check | None:
             continue
         x = torch.randn(8, module.in_features, generator=gen) * (1 + 20 * (torch.rand(module.in_features, generator=gen) > 0.99))
         x = x.to(module.qweight.device)
-        expected = fake_quantize_activations(x, module.input_scale) @ module.quantized_weight().dequantize().T
+        expected = fake_quantize_activations(module.rotate_input(x), module.input_scale) @ module.quantized_weight().dequantize().T
         if module.bias is not None:
             expected = expected + module.bias.float()
         got = module(x).float()

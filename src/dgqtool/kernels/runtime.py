@@ -71,6 +71,7 @@ class KernelLibrary:
         self._sig("dgq_permute_s8", [ptr, ptr, i32, i32, ptr])
         for suffix in _OUT_SUFFIX.values():
             self._sig(f"dgq_hadamard_quantize_rows_{suffix}", [ptr] * 5 + [i32] * 3 + [ptr])
+            self._sig(f"dgq_hadamard_rows_{suffix}", [ptr] * 3 + [i32] * 3 + [ptr])
         listing = path.parent / "wgmma_variants.json"
         self.wgmma_variants = [(128 * v["mt"], v["bn"], v["stages"], v["cluster"])
                                for v in json.loads(listing.read_text())] if listing.is_file() else []
@@ -167,6 +168,19 @@ def hadamard_quantize_rows(lib: KernelLibrary, x: torch.Tensor, signs: torch.Ten
     lib.call(f"dgq_hadamard_quantize_rows_{_OUT_SUFFIX[x.dtype]}", x.data_ptr(), signs.data_ptr(), q.data_ptr(),
              scale.data_ptr(), None if static is None else static.data_ptr(), m, k, block, _stream(x.device))
     return q, scale
+
+
+HADAMARD_ORDERS = (64, 128, 256)  # the Sylvester blocks the fused rotation kernels take
+
+
+def hadamard_rows(lib: KernelLibrary, x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """(M, K) fp16/bf16 -> x Q in x's dtype, Q as in hadamard_quantize_rows: bit-identical to
+    FactoredHadamard.apply(x) for a Sylvester-only rotation (rotated in float32, rounded once)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.call(f"dgq_hadamard_rows_{_OUT_SUFFIX[x.dtype]}", x.data_ptr(), signs.data_ptr(), out.data_ptr(),
+             x.shape[0], x.shape[1], block, _stream(x.device))
+    return out
 
 
 def unpack_s8(lib: KernelLibrary, qweight: torch.Tensor, s2: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:

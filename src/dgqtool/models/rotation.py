@@ -6,6 +6,10 @@ Q per model: embeddings E Q, every reader of the stream (q/k/v, gate/up, lm_head
 writer (o/down) Q^T W. The per-head matrix R rotates v_proj's output rows and o_proj's input
 columns of each head alike (attention mixes tokens, not channels, so R passes through it). The
 rotated float model computes the same logits; nothing is applied at run time.
+
+The online rotation (--online-rotation down) is the one exception: a linear with no linear
+producer (down_proj reads act(gate) * up) reads x Q, Q = factored_hadamard(in_features), applied to
+its input at run time; W Q is folded into its weight, so the float model is unchanged too.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from torch import nn
 from ..errors import DGQError
 from ..quant.rotate import (
     KINDS,
+    FactoredHadamard,
+    factored_hadamard,
     rotate_head_inputs,
     rotate_head_outputs,
     rotate_inputs,
@@ -100,3 +106,39 @@ def rotate_model(model: nn.Module, adapter: Adapter, kind: str, seed: int, value
             v, o = (layer.get_submodule(name) for name in residual.value)
             rotate_head_outputs(v.weight, v.bias, r)
             rotate_head_inputs(o.weight, r)
+
+
+ONLINE_KINDS = ("none", "down")
+
+
+def online_rotation_of(linear: nn.Module) -> FactoredHadamard | None:
+    """The online rotation a float linear's input takes (rotate_online attached it), if any."""
+    return getattr(linear, "online_rotation", None)
+
+
+def _attach_online_rotation(linear: nn.Linear, rotation: FactoredHadamard) -> None:
+    """x -> x Q before the linear and before every hook registered on it (the stages' captures
+    see what the packed module will multiply); kept on the module for pack."""
+    linear.online_rotation = rotation
+    linear.register_forward_pre_hook(lambda module, args: (rotation.apply(args[0]), *args[1:]), prepend=True)
+
+
+@torch.no_grad()
+def rotate_online(model: nn.Module, adapter: Adapter, kind: str, seed: int) -> None:
+    """--online-rotation: 'down' gives each of the family's online linears (Residual.online) the
+    rotation x -> x Q at run time with W Q folded into its weight, Q = factored_hadamard(in, seed + 2)
+    (seed: the residual rotation's, seed + 1: the heads'); 'none' leaves the model untouched."""
+    if kind not in ONLINE_KINDS:
+        raise DGQError(f"--online-rotation must be one of {', '.join(ONLINE_KINDS)}; got '{kind}'")
+    if kind == "none":
+        return
+    residual = _residual(model, adapter)
+    if not residual.online:
+        raise DGQError(f"--online-rotation: the {model.config.model_type} adapter names no linear to rotate online")
+    rotations: dict[int, FactoredHadamard] = {}
+    for layer in decoder_layers(model, adapter):
+        for name in residual.online:
+            linear = layer.get_submodule(name)
+            rotation = rotations.setdefault(linear.in_features, factored_hadamard(linear.in_features, seed + 2))
+            linear.weight.copy_(rotation.apply(linear.weight.double()).to(linear.weight.dtype))  # W Q, row by row
+            _attach_online_rotation(linear, rotation)

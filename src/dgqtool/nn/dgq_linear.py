@@ -1,27 +1,32 @@
 """Modules that replace nn.Linear in a quantized model: DGQ (integer path) and the group-wise
 baseline format (fake-quantized float path). Both quantize activations to int8 per token, or with
-a static per-tensor scale when the checkpoint carries one."""
+a static per-tensor scale when the checkpoint carries one, after the online rotation of their
+input where the checkpoint records one."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..format import INPUT_SCALE, SCALE_DTYPE, WEIGHT_FORMATS, WeightFormat, format_of
+from ..format import INPUT_SCALE, ONLINE_PALEY, ONLINE_SIGNS, SCALE_DTYPE, WEIGHT_FORMATS, WeightFormat, format_of
 from .. import ops
+from ..kernels import runtime
 from ..quant.dual_grained import DualGrainedWeight, GroupWeight
 from ..quant.quantizer import quantize_per_tensor, quantize_per_token
+from ..quant.rotate import FactoredHadamard
 
 __all__ = ["DGQLinear", "FORMATS", "GroupW4A8Linear", "format_of"]  # format_of: imported from here by the stages
 
 
 class _W4A8Linear(nn.Module):
-    """The format's packed buffers, an optional static input scale and bias, and activation quant."""
+    """The format's packed buffers, an optional static input scale, bias and online input rotation
+    (online: its (Paley order, Sylvester order)), and activation quant."""
 
     FORMAT: WeightFormat
 
     def __init__(self, in_features: int, out_features: int, group: int, bias: bool = False, static: bool = False,
-                 dtype: torch.dtype = torch.float32, scale_dtype: torch.dtype = SCALE_DTYPE):
+                 dtype: torch.dtype = torch.float32, scale_dtype: torch.dtype = SCALE_DTYPE,
+                 online: tuple[int, int] | None = None):
         super().__init__()
         if group <= 0 or in_features % group or in_features % 2:
             raise ValueError(f"group {group} does not divide in_features {in_features}")
@@ -31,23 +36,48 @@ class _W4A8Linear(nn.Module):
             self.register_buffer(name, tensor)
         self.register_buffer(INPUT_SCALE, torch.ones(1) if static else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        paley, self.sylvester_order = online or (None, 0)
+        if online is not None and in_features % (paley * self.sylvester_order):
+            raise ValueError(f"online rotation blocks of {paley} x {self.sylvester_order} do not divide {in_features}")
+        self.register_buffer(ONLINE_SIGNS, torch.ones(in_features) if online else None)
+        self.register_buffer(ONLINE_PALEY, torch.ones(paley, paley) if online else None)
         self._cache: torch.Tensor | None = None
+        self._kernel_signs: torch.Tensor | None = None  # signs / sqrt(t), as the fused rotation kernel takes them
 
     @classmethod
-    def from_weight(cls, weight, bias, input_scale, dtype):
+    def from_weight(cls, weight, bias, input_scale, dtype, online: FactoredHadamard | None = None):
         o, h = weight.codes.shape
-        module = cls(h, o, weight.group, bias is not None, input_scale is not None, dtype)
-        module.load_quantized(weight, bias, input_scale)
+        orders = None if online is None else (online.paley.shape[0], online.sylvester_order)
+        module = cls(h, o, weight.group, bias is not None, input_scale is not None, dtype, online=orders)
+        module.load_quantized(weight, bias, input_scale, online)
         return module
 
     @torch.no_grad()
-    def load_quantized(self, weight, bias, input_scale) -> None:
+    def load_quantized(self, weight, bias, input_scale, online: FactoredHadamard | None = None) -> None:
         for name, tensor in self.FORMAT.encode(weight, torch.float32).items():
             getattr(self, name).copy_(tensor)  # one rounding, to the buffer's dtype
         if bias is not None:
             self.bias.copy_(bias)
         if input_scale is not None:
             self.input_scale.copy_(input_scale)
+        if online is not None:
+            self.online_signs.copy_(online.signs)
+            self.online_paley.copy_(online.paley)
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x Q where the module has an online rotation (in float32, back to x's dtype), else x. On a
+        GPU a Sylvester-only rotation takes the fused kernel, bit-identical to the torch ops."""
+        signs, paley = self._buffers[ONLINE_SIGNS], self._buffers[ONLINE_PALEY]
+        if signs is None:
+            return x
+        fused = paley.shape[0] == 1 and self.sylvester_order in runtime.HADAMARD_ORDERS
+        lib = runtime.library_for(x) if fused else None
+        if lib is None:
+            return FactoredHadamard(signs, paley, self.sylvester_order).apply(x)
+        if self._kernel_signs is None:
+            self._kernel_signs = signs.float() * self.sylvester_order**-0.5
+        return runtime.hadamard_rows(lib, x.reshape(-1, self.in_features), self._kernel_signs,
+                                     self.sylvester_order).view(x.shape)
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x2 = x.reshape(-1, self.in_features)
@@ -63,12 +93,13 @@ class _W4A8Linear(nn.Module):
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
-        self._cache = None  # device/dtype moves invalidate the unpacked weight
+        self._cache = self._kernel_signs = None  # device/dtype moves invalidate the unpacked weight
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         mode = "static" if self.input_scale is not None else "dynamic"
-        return f"in={self.in_features}, out={self.out_features}, group={self.group}, act={mode}"
+        online = "" if self.online_signs is None else f", online={self.online_paley.shape[0]}x{self.sylvester_order}"
+        return f"in={self.in_features}, out={self.out_features}, group={self.group}, act={mode}{online}"
 
 
 class DGQLinear(_W4A8Linear):
@@ -85,8 +116,8 @@ class DGQLinear(_W4A8Linear):
         # off CUDA the op runs the integer reference, on the int8 weight expanded once and kept
         w_s8 = None if x.is_cuda else self.int8_weight()
         b = self._buffers  # one dict lookup, not nn.Module.__getattr__ per buffer: eager decode is host-bound
-        out = ops.linear(x if x.dim() == 2 else x.reshape(-1, self.in_features), b["qweight"], b["scales_s2"],
-                         b["qzeros"], b["scales_s1"], self.group, b[INPUT_SCALE], w_s8)
+        x2 = self.rotate_input(x if x.dim() == 2 else x.reshape(-1, self.in_features))
+        out = ops.linear(x2, b["qweight"], b["scales_s2"], b["qzeros"], b["scales_s1"], self.group, b[INPUT_SCALE], w_s8)
         return self._finish(out, x)
 
 
@@ -98,7 +129,7 @@ class GroupW4A8Linear(_W4A8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._cache is None:
             self._cache = self.quantized_weight().dequantize()
-        x_q, s_x = self.quantize_input(x)
+        x_q, s_x = self.quantize_input(self.rotate_input(x))
         out = (x_q.float() * s_x) @ self._cache.T
         return self._finish(out.to(x.dtype), x)
 

@@ -13,7 +13,7 @@ from ..corpora import load_corpus, tokenize
 from ..errors import DGQError
 from ..fingerprints import text_digest
 from ..models.adapters import Adapter, adapter_for_model, can_fold, check_group_size, decoder_layers
-from ..models.rotation import resolve_rotation, rotate_model
+from ..models.rotation import online_rotation_of, resolve_rotation, rotate_model, rotate_online
 from ..models.load import canonical_spec, check_context_length, load_model, model_digest
 from ..recipe import CALIBRATE_OPTIONS
 from ..resources import Usage
@@ -64,6 +64,7 @@ def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -
     if rotation != r.rotate and rotation == "none":
         ctx.reporter.info(f"--rotate auto: {model.config.model_type} has no RMSNorm residual stream to rotate; not rotating")
     rotate_model(model, adapter, rotation, r.seed, device=ctx.device)
+    rotate_online(model, adapter, r.online_rotation, r.seed)
     tokens = sample_segments(tokenize(tokenizer, text), r.nsamples, r.seqlen, r.seed)
     check_context_length(model, r.seqlen)
     if planned_group is not None:
@@ -76,7 +77,8 @@ def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -
             key = input_key(index, group)
             columns = torch.stack([layer.get_submodule(n).weight.detach().abs().amax(0) for n in group.linears])
             stats[f"{key}.weight_absmax"] = columns.amax(0).float()
-            if can_fold(layer, group):
+            # an online rotation sits between the producer and the linear: nothing to fold into
+            if can_fold(layer, group) and online_rotation_of(layer.get_submodule(group.linears[0])) is None:
                 foldable.append(key)
     maxima: dict[str, torch.Tensor] = {}
     with ctx.reporter.task(f"calibrate {len(tokens)}x{tokens.shape[1]} tokens", len(layers)) as step:

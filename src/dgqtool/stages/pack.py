@@ -9,6 +9,7 @@ from ..artifacts import is_finished, read_manifest, read_tensors, sha256_file, w
 from ..errors import DGQError
 from ..format import linear_weight
 from ..models.adapters import decoder_layers, layer_linears
+from ..models.rotation import online_rotation_of
 from ..nn.dgq_linear import FORMATS, format_of
 from ..resources import Usage
 from .graph import Context
@@ -32,9 +33,23 @@ def quantized_model(ctx: Context):
                 raise DGQError(f"search results for layer {index} {linear_name} do not match the model's shape")
             fmt = format_of(weight)
             formats.add(fmt)
-            module = FORMATS[fmt].from_weight(weight, linear.bias, tensors.get(f"{linear_name}.input_scale"), dtype)
+            module = FORMATS[fmt].from_weight(weight, linear.bias, tensors.get(f"{linear_name}.input_scale"), dtype,
+                                              online_rotation_of(linear))
             layer.set_submodule(linear_name, module)
     return model, tokenizer, adapter, formats.pop(), search_manifest, calib
+
+
+def _online_record(model, adapter) -> str | dict:
+    """rotation.online of the config block: which linears read x Q at run time, and Q's block shape."""
+    found = {name: module for name, module in layer_linears(decoder_layers(model, adapter)[0], adapter).items()
+             if getattr(module, "online_signs", None) is not None}
+    if not found:
+        return "none"
+    orders = {(m.online_paley.shape[0], m.sylvester_order) for m in found.values()}
+    if len(orders) != 1:
+        raise DGQError(f"online rotations of different block shapes ({sorted(orders)}) cannot be recorded")
+    (paley, sylvester), = orders
+    return {"linears": sorted(found), "paley_order": paley, "sylvester_order": sylvester}
 
 
 def _pack_options(output: Path) -> dict:
@@ -51,8 +66,8 @@ def pack(ctx: Context, output: Path) -> dict:
     dtype = next(model.parameters()).dtype
     qconfig = quantization_config(adapter, fmt, opts["method"], opts["group"], opts["act"], dtype)
     qconfig["source_model_sha256"] = calib["inputs"]["model"]  # lets verify tell a wrong reference model
-    # folded into the stored weights: loading applies nothing (online: none)
-    qconfig["rotation"] = {"kind": rotation_of(calib), "seed": calib["options"]["seed"], "online": "none"}
+    # the residual rotation is folded into the stored weights; loaders apply only the online one
+    qconfig["rotation"] = {"kind": rotation_of(calib), "seed": calib["options"]["seed"], "online": _online_record(model, adapter)}
     manifest = write_checkpoint(model, tokenizer, qconfig, output, force=True)
     write_manifest(ctx.stage_dir("pack"), "pack", _pack_options(output), {"search": search_manifest["fingerprint"]}, {},
                    checkpoint=manifest["files"], resources=usage.snapshot())

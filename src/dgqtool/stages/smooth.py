@@ -10,7 +10,7 @@ from ..artifacts import read_tensors, write_manifest, write_tensors
 from ..models.adapters import Adapter, adapter_for_model, decoder_layers
 from ..errors import DGQError
 from ..models.load import load_model, model_digest
-from ..models.rotation import rotate_model
+from ..models.rotation import rotate_model, rotate_online
 from ..quant.smooth import cap_column_growth, fold_group, percentile_scales, smoothquant_scales
 from ..recipe import SMOOTH_OPTIONS, Recipe
 from ..resources import Usage
@@ -61,6 +61,11 @@ def rotation_of(calib: dict) -> str:
     return calib.get("rotation", calib["options"].get("rotate", "none"))
 
 
+def online_rotation_option(calib: dict) -> str:
+    """The calibrate stage's --online-rotation (work directories from before it: none)."""
+    return calib["options"].get("online_rotation", "none")
+
+
 def smoothed_model(ctx: Context):
     """The float model of the calibrate stage (rotated as it was) with the smooth stage's vectors folded in.
     Returns (model, tokenizer, adapter, scales, calibrate manifest)."""
@@ -71,6 +76,7 @@ def smoothed_model(ctx: Context):
                                      ctx.recipe.trust_remote_code, ctx.recipe.allow_pickle)
     adapter = adapter_for_model(model)
     rotate_model(model, adapter, rotation_of(calib), calib["options"]["seed"], device=ctx.device)
+    rotate_online(model, adapter, online_rotation_option(calib), calib["options"]["seed"])
     scales = read_tensors(ctx.stage_dir("smooth") / "scales.safetensors", smooth_manifest["outputs"]["scales.safetensors"])
     apply_smoothing(model, adapter, scales)
     return model, tokenizer, adapter, scales, calib
