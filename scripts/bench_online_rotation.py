@@ -10,11 +10,14 @@ g128 as in docs/kernels.md), bf16:
   compiled   the same through torch.compile (inductor fuses the butterflies);
   dense      x @ Q with the dense (n, n) bf16 matrix, for scale;
   linear     the whole DGQ down linear (activation quantization + the dispatched kernel);
-  quantize   the per-token int8 quantization alone, and
+  quantize   the per-token int8 quantization alone,
   fused      the rotation fused into it (dgq_hadamard_quantize_rows: Sylvester blocks only, so
-             SmolLM2's 12 x 128 is timed as blocks of 128, what a block-diagonal format would pay);
+             SmolLM2's 12 x 128 is timed as blocks of 128, what a block-diagonal format would pay), and
+  kernel     the rotation alone (dgq_hadamard_rows, x Q written in x's dtype), what an online-rotated
+             checkpoint runs today before its linear (which then quantizes as usual);
 each the median of CUDA-graph replays (scripts/bench_gemm.py's `bench`). Prints rotate / linear
-and compiled / linear per M, and what the fused kernel adds over the plain quantization.
+and compiled / linear per M, what the fused kernel adds over the plain quantization, and the
+rotation kernel over the linear.
 
     python scripts/bench_online_rotation.py [--rows 1 8 64 512 4096]
     python scripts/bench_online_rotation.py --check     # CPU: apply() equals x Q (block by block) on both shapes
@@ -51,8 +54,8 @@ def measure(rows: list[int]) -> None:
     lib = runtime.library(torch.device("cuda"))
     assert lib is not None, "kernel library unavailable"
     print("| shape | M | rotate us | compiled us | dense us | DGQ linear us | rotate / linear | compiled / linear "
-          "| quantize us | fused us | (fused - quantize) / linear |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| quantize us | fused us | (fused - quantize) / linear | kernel us | kernel / linear |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (out_features, n, group) in SHAPES.items():
         f = factored_hadamard(n, seed=2).to("cuda")  # no host copies inside the captured graphs
         dense = f.matrix().to("cuda", torch.bfloat16)
@@ -69,9 +72,10 @@ def measure(rows: list[int]) -> None:
             linear = bench(lambda: runtime.dgq_linear(lib, x, *weight, group))
             plain = bench(lambda: runtime.quantize_rows(lib, x))
             fused_quant = bench(lambda: runtime.hadamard_quantize_rows(lib, x, signs, block))
+            alone = bench(lambda: runtime.hadamard_rows(lib, x, signs, block))
             print(f"| {name} | {m} | {rotate:.1f} | {fused:.1f} | {matmul:.1f} | {linear:.1f} | "
                   f"{rotate / linear:.2f} | {fused / linear:.2f} | {plain:.1f} | {fused_quant:.1f} | "
-                  f"{(fused_quant - plain) / linear:.2f} |", flush=True)
+                  f"{(fused_quant - plain) / linear:.2f} | {alone:.1f} | {alone / linear:.2f} |", flush=True)
 
 
 def main() -> None:

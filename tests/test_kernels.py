@@ -457,4 +457,8 @@ def test_online_rotated_linear_on_the_gpu_equals_the_cpu_module(dtype, k, paley)
         got, want = gpu_module(x[:batch, :rows].cuda()).cpu(), ref[:batch, :rows]
         exact = torch.equal(got, want)
         assert exact if paley == 1 else exact or ((got - want).float().norm() / want.float().norm()) < 1e-2, (batch, rows)
+    # one graph through the rotation op and the linear op (dgq run's compiled decode)
+    torch._dynamo.reset()
+    x8 = x[:3, :8].cuda()
+    assert torch.equal(torch.compile(gpu_module, fullgraph=True, backend="aot_eager")(x8), gpu_module(x8))
 

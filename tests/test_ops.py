@@ -48,6 +48,32 @@ def test_op_registration_passes_opcheck():
         torch.library.opcheck(torch.ops.dgq.linear.default, (x, *ARGS, *extra))
 
 
+def test_online_rotation_op_equals_apply_and_compiles_into_one_graph():
+    """dgq::hadamard_rows (a Sylvester-only online rotation) passes opcheck, equals
+    FactoredHadamard.apply bit for bit, and a module using it compiles whole (fullgraph): one
+    rotation op and one linear op in the graph, output equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from dgqtool.nn.dgq_linear import DGQLinear
+    from dgqtool.quant.rotate import factored_hadamard
+
+    rotation = factored_hadamard(128, seed=3)
+    assert (rotation.paley.shape[0], rotation.sylvester_order) == (1, 128)
+    x = torch.randn(5, 128, generator=GEN)
+    torch.library.opcheck(torch.ops.dgq.hadamard_rows.default, (x, rotation.signs.float(), 128))
+    assert torch.equal(ops.hadamard_rows(x, rotation.signs.float(), 128), rotation.apply(x))
+    module = DGQLinear.from_weight(WEIGHT, None, None, torch.float32, rotation)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        eager = module(x)
+        compiled = torch.compile(module, fullgraph=True, backend=counter)(x)
+    targets = [n.target for g in counter.graphs for n in g.graph.nodes]
+    assert counter.frame_count == 1 and targets.count(torch.ops.dgq.hadamard_rows.default) == 1
+    assert targets.count(torch.ops.dgq.linear.default) == 1 and torch.equal(compiled, eager)
+    assert not torch.equal(eager, DGQLinear.from_weight(WEIGHT, None, None, torch.float32)(x))
+
+
 def _compiled_logits(model, ids, backend):
     from torch._dynamo.testing import CompileCounterWithBackend
 

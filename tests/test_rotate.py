@@ -225,8 +225,8 @@ def test_online_rotation_benchmark_checks_its_transform_on_cpu():
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_online_rotation_leaves_the_logits(family):
     """--online-rotation down: W Q folded into down_proj, x -> x Q on its input at run time (a
-    forward pre-hook that runs before any other hook); the float model computes the same logits,
-    with and without the residual rotation."""
+    forward pre-hook that runs before any other hook, even one registered earlier); the float
+    model computes the same logits, with and without the residual rotation."""
     from dgqtool.models.rotation import online_rotation_of, rotate_online
     from dgqtool.quant.rotate import factored_hadamard
 
@@ -235,12 +235,12 @@ def test_online_rotation_leaves_the_logits(family):
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
     seen = []
     with torch.no_grad():
-        before = model(input_ids=ids).logits
         down = model.model.layers[1].mlp.down_proj
+        down.register_forward_pre_hook(lambda module, args: seen.append(args[0]))  # before the rotation's
+        before = model(input_ids=ids).logits
         weight = down.weight.clone()
         rotate_online(model, adapter, "down", seed=5)
         folded = down.weight.double().clone()
-        down.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
         after = model(input_ids=ids).logits
         rotate_model(model, adapter, "hadamard", seed=0)
         both = model(input_ids=ids).logits
@@ -249,8 +249,9 @@ def test_online_rotation_leaves_the_logits(family):
     rotation = online_rotation_of(down)
     assert torch.equal(rotation.signs, factored_hadamard(80, 7).signs) and rotation.block == 80  # 20 x 4
     assert torch.allclose(folded, weight.double() @ rotation.matrix(), atol=1e-6)
-    # a later hook sees the rotated input: what calibration and the search record
-    assert seen and seen[0].abs().amax(-1).std() > 0
+    # the earlier hook now sees the rotated input: what calibration and the search record
+    raw, rotated = seen[0], seen[1]
+    assert torch.allclose(rotated, rotation.apply(raw), atol=1e-5) and not torch.allclose(rotated, raw, atol=1e-2)
     assert online_rotation_of(model.model.layers[1].mlp.up_proj) is None
 
 
@@ -289,6 +290,7 @@ def test_online_rotated_checkpoint_loads_everywhere_and_export_refuses(tiny_llam
     assert not [k for k in calib["foldable"] if "down_proj" in k] and [k for k in calib["foldable"] if "gate_proj" in k]
     model, tokenizer, q = load_checkpoint(out)
     assert q["rotation"]["online"] == {"linears": ["mlp.down_proj"], "paley_order": 1, "sylvester_order": 128}
+    assert q["format_version"] == 2  # a reader of version 1 refuses it instead of dropping the rotation
     stored = load_file(str(out / "model.safetensors"))
     expected = factored_hadamard(128, 2)
     for i in range(2):
@@ -303,6 +305,20 @@ def test_online_rotated_checkpoint_loads_everywhere_and_export_refuses(tiny_llam
     ids = tokenizer("the red house of the old river is open", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, model(ids).logits)
+    half = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", dtype=torch.float16)  # modules built under fp16
+    assert half.model.layers[0].mlp.down_proj.online_signs.dtype == torch.float32
     refused = CliRunner().invoke(app, ["export", str(out), "-o", str(tmp_path / "ct")])
     assert refused.exit_code == 2 and "rotates the input of mlp.down_proj online" in refused.output, refused.output
     assert not (tmp_path / "ct").exists()
+
+
+def test_stored_factors_that_are_no_rotation_are_named():
+    """A checkpoint's online_signs / online_paley are checked before the model runs."""
+    from dgqtool.quant.rotate import factor_problems, factored_hadamard
+
+    f = factored_hadamard(1536, seed=1)
+    assert factor_problems(f.signs.float(), f.paley.float()) == []
+    assert factor_problems(f.signs * 0.5, f.paley) == ["online_signs holds values other than +-1"]
+    bad = f.paley.clone()
+    bad[0, 1] *= -1
+    assert factor_problems(f.signs, bad) == ["online_paley is no Hadamard matrix of order 12"]

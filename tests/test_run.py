@@ -115,6 +115,10 @@ ONLINE_DAMAGE = {  # rotation.online -> the error: a bad order, a linear the mod
     "online_linear": ({"linears": ["mlp.gate"], "paley_order": 1, "sylvester_order": 64}, "names mlp.gate, which is no"),
     "online_tensors": ({"linears": ["mlp.down_proj"], "paley_order": 1, "sylvester_order": 64},
                        "tensor model.layers.0.mlp.down_proj.online_signs is missing"),
+    "online_paley": ({"linears": ["mlp.down_proj"], "paley_order": 3, "sylvester_order": 64}, "paley_order 3 has no Paley"),
+    "online_version": ({"linears": ["mlp.down_proj"], "paley_order": 1, "sylvester_order": 64, "v": 1},
+                       "rotation.online needs format_version 2"),
+    "rotation_type": ("hadamard", "rotation must be an object"),
 }
 
 
@@ -137,7 +141,10 @@ def test_run_rejects_bad_checkpoints(checkpoint, tmp_path, damage):
         (bad / "config.json").write_text(json.dumps(config))
     elif damage in ONLINE_DAMAGE:
         config = json.loads((bad / "config.json").read_text())
-        config["quantization_config"]["rotation"] = {"kind": "none", "seed": 0, "online": ONLINE_DAMAGE[damage][0]}
+        online = ONLINE_DAMAGE[damage][0]
+        q = config["quantization_config"]
+        q["rotation"] = online if damage == "rotation_type" else {"kind": "none", "seed": 0, "online": online}
+        q["format_version"] = 1 if isinstance(online, dict) and online.pop("v", None) else 2
         (bad / "config.json").write_text(json.dumps(config))
     if damage in ("missing_tensor", "online_linear", "online_tensors"):  # re-hashed: past the manifest check
         manifest = json.loads((bad / "dgq_manifest.json").read_text())

@@ -30,6 +30,7 @@ from .models.load import DTYPES
 from .nn.dgq_linear import FORMATS, _W4A8Linear
 from .nn.fused import fuse_shared_inputs
 from .quant.dual_grained import GroupWeight, format_violations
+from .quant.rotate import factor_problems
 
 NO_REMOTE_CODE = {"local_files_only": True, "trust_remote_code": False}
 
@@ -128,10 +129,12 @@ def replace_linears(model: torch.nn.Module, module_type: type[_W4A8Linear], dtyp
 
 
 def check_quantized_modules(model: torch.nn.Module, where: Path) -> None:
-    """Never run a model on out-of-range codes or scales."""
+    """Never run a model on out-of-range codes or scales, or on factors that are no rotation."""
     for name, module in model.named_modules():
         if isinstance(module, _W4A8Linear):
             problems = format_violations(module.quantized_weight())
+            if module.online_signs is not None:
+                problems += factor_problems(module.online_signs, module.online_paley)
             if problems:
                 raise DGQError(f"{where}: {name}: {problems[0]}")
 

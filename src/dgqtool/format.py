@@ -27,8 +27,11 @@ from .artifacts import claim_output_dir, make_temp_dir, read_json, read_tensors,
 from .errors import DGQError
 from .models.load import DTYPES
 from .quant.dual_grained import DualGrainedWeight, GroupWeight, QuantizedWeight, pack_nibbles, unpack_nibbles
+from .quant.rotate import paley_order_exists
 
 FORMAT_VERSION = 1
+ONLINE_FORMAT_VERSION = 2  # a checkpoint with an online rotation: readers before it refuse it, not drop it
+READABLE_VERSIONS = (FORMAT_VERSION, ONLINE_FORMAT_VERSION)
 QUANT_METHOD = "dgq"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -154,8 +157,9 @@ def config_problems(config: dict) -> list[str]:
     q = config.get("quantization_config")
     if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
         return ["config.json has no dgq quantization_config (not a dgq checkpoint)"]
-    if q.get("format_version") != FORMAT_VERSION:
-        return [f"unsupported dgq format version {q.get('format_version')} (this tool reads {FORMAT_VERSION})"]
+    if q.get("format_version") not in READABLE_VERSIONS:
+        return [f"unsupported dgq format version {q.get('format_version')} "
+                f"(this tool reads {', '.join(map(str, READABLE_VERSIONS))})"]
     group = q.get("group_size")
     checks = [
         (isinstance(config.get("model_type"), str) and config["model_type"], "config.json has no model_type"),
@@ -171,22 +175,29 @@ def config_problems(config: dict) -> list[str]:
 
 
 def _online_problems(q: dict) -> list[str]:
-    online = (q.get("rotation") or {}).get("online", "none")
+    rotation = q.get("rotation", {})
+    if not isinstance(rotation, dict):
+        return [f"rotation must be an object, got {rotation!r}"]
+    online = rotation.get("online", "none")
     if online == "none":
         return []
+    if q.get("format_version") != ONLINE_FORMAT_VERSION:
+        return [f"rotation.online needs format_version {ONLINE_FORMAT_VERSION}, got {q.get('format_version')!r}"]
     fields_ok = (isinstance(online, dict) and isinstance(online.get("linears"), list) and online["linears"]
                  and all(isinstance(n, str) for n in online["linears"])
                  and all(type(online.get(k)) is int and online[k] > 0 for k in ("paley_order", "sylvester_order")))
     if not fields_ok:
         return [f"rotation.online must be 'none' or {{linears, paley_order, sylvester_order}}, got {online!r}"]
-    t = online["sylvester_order"]
-    return [] if t & (t - 1) == 0 else [f"rotation.online.sylvester_order must be a power of two, got {t}"]
+    p, t = online["paley_order"], online["sylvester_order"]
+    if t & (t - 1):
+        return [f"rotation.online.sylvester_order must be a power of two, got {t}"]
+    return [] if p == 1 or paley_order_exists(p) else [f"rotation.online.paley_order {p} has no Paley construction"]
 
 
 def online_rotations(q: dict) -> dict[str, tuple[int, int]]:
     """Linear name (within a layer) -> (Paley order, Sylvester order) of its online rotation, from a
     checked quantization_config; empty when the checkpoint has none."""
-    online = (q.get("rotation") or {}).get("online", "none")
+    online = q.get("rotation", {}).get("online", "none")
     if online == "none":
         return {}
     return {name: (online["paley_order"], online["sylvester_order"]) for name in online["linears"]}

@@ -65,7 +65,7 @@ class DGQHfQuantizer(HfQuantizer):
 
     @property
     def is_compileable(self) -> bool:
-        return True  # every DGQ linear is one torch.ops.dgq.linear call
+        return True  # each DGQ linear is one torch.ops.dgq.linear call; an online rotation one op or torch ops
 
 
 def register() -> None:

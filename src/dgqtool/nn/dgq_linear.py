@@ -10,7 +10,6 @@ from torch import nn
 
 from ..format import INPUT_SCALE, ONLINE_PALEY, ONLINE_SIGNS, SCALE_DTYPE, WEIGHT_FORMATS, WeightFormat, format_of
 from .. import ops
-from ..kernels import runtime
 from ..quant.dual_grained import DualGrainedWeight, GroupWeight
 from ..quant.quantizer import quantize_per_tensor, quantize_per_token
 from ..quant.rotate import FactoredHadamard
@@ -34,15 +33,15 @@ class _W4A8Linear(nn.Module):
         self.scale_dtype = scale_dtype  # of the float scales: fp16 in dgq checkpoints, an export's own dtype
         for name, tensor in self.FORMAT.empty(out_features, in_features, group, scale_dtype).items():
             self.register_buffer(name, tensor)
-        self.register_buffer(INPUT_SCALE, torch.ones(1) if static else None)
+        self.register_buffer(INPUT_SCALE, torch.ones(1, dtype=torch.float32) if static else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         paley, self.sylvester_order = online or (None, 0)
         if online is not None and in_features % (paley * self.sylvester_order):
             raise ValueError(f"online rotation blocks of {paley} x {self.sylvester_order} do not divide {in_features}")
-        self.register_buffer(ONLINE_SIGNS, torch.ones(in_features) if online else None)
-        self.register_buffer(ONLINE_PALEY, torch.ones(paley, paley) if online else None)
+        # float32 whatever the default dtype (transformers builds modules under the model's dtype)
+        self.register_buffer(ONLINE_SIGNS, torch.ones(in_features, dtype=torch.float32) if online else None)
+        self.register_buffer(ONLINE_PALEY, torch.ones(paley, paley, dtype=torch.float32) if online else None)
         self._cache: torch.Tensor | None = None
-        self._kernel_signs: torch.Tensor | None = None  # signs / sqrt(t), as the fused rotation kernel takes them
 
     @classmethod
     def from_weight(cls, weight, bias, input_scale, dtype, online: FactoredHadamard | None = None):
@@ -65,19 +64,14 @@ class _W4A8Linear(nn.Module):
             self.online_paley.copy_(online.paley)
 
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x Q where the module has an online rotation (in float32, back to x's dtype), else x. On a
-        GPU a Sylvester-only rotation takes the fused kernel, bit-identical to the torch ops."""
+        """x Q where the module has an online rotation (in float32, back to x's dtype), else x. A
+        Sylvester-only rotation is one op (ops/rotation.py: the fused kernel on a GPU, bit-identical)."""
         signs, paley = self._buffers[ONLINE_SIGNS], self._buffers[ONLINE_PALEY]
         if signs is None:
             return x
-        fused = paley.shape[0] == 1 and self.sylvester_order in runtime.HADAMARD_ORDERS
-        lib = runtime.library_for(x) if fused else None
-        if lib is None:
-            return FactoredHadamard(signs, paley, self.sylvester_order).apply(x)
-        if self._kernel_signs is None:
-            self._kernel_signs = signs.float() * self.sylvester_order**-0.5
-        return runtime.hadamard_rows(lib, x.reshape(-1, self.in_features), self._kernel_signs,
-                                     self.sylvester_order).view(x.shape)
+        if paley.shape[0] == 1:
+            return ops.hadamard_rows(x.reshape(-1, self.in_features), signs, self.sylvester_order).view(x.shape)
+        return FactoredHadamard(signs, paley, self.sylvester_order).apply(x)
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x2 = x.reshape(-1, self.in_features)
@@ -93,7 +87,7 @@ class _W4A8Linear(nn.Module):
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
-        self._cache = self._kernel_signs = None  # device/dtype moves invalidate the unpacked weight
+        self._cache = None  # device/dtype moves invalidate the unpacked weight
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

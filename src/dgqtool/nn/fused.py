@@ -62,6 +62,8 @@ def _fusable(members: list[nn.Module]) -> bool:
         return False
     if any(m.in_features != first.in_features or m.group != first.group for m in members):
         return False
+    if any(m.online_signs is not None for m in members):  # the fused module has no input rotation
+        return False
     scales = [m.input_scale for m in members]
     if any(s is None for s in scales):  # static scales must agree to share one quantization
         return all(s is None for s in scales)

@@ -54,6 +54,11 @@ def _paley_construction(order: int) -> int:
     return 2 if order % 2 == 0 and (order // 2 - 1) % 4 == 1 and _is_prime(order // 2 - 1) else 0
 
 
+def paley_order_exists(order: int) -> bool:
+    """Paley's constructions give a Hadamard matrix of this order (the factors an online rotation may have)."""
+    return _paley_construction(order) != 0
+
+
 def _paley(order: int) -> torch.Tensor | None:
     """A Hadamard matrix of `order` from Paley's constructions I and II (prime q only), else None."""
     construction = _paley_construction(order)
@@ -155,6 +160,16 @@ class FactoredHadamard:
             v = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
             v, h = v.reshape(*lead, t), 2 * h
         return v.reshape(x.shape).to(x.dtype)
+
+
+def factor_problems(signs: torch.Tensor, paley: torch.Tensor) -> list[str]:
+    """What keeps stored factors from being an online rotation's: signs +-1, P a Hadamard matrix."""
+    p = paley.shape[0]
+    if not bool((signs.abs() == 1).all()):
+        return ["online_signs holds values other than +-1"]
+    if not bool((paley.abs() == 1).all()) or not torch.equal(paley.double() @ paley.double().T, p * torch.eye(p, dtype=torch.float64)):
+        return [f"online_paley is no Hadamard matrix of order {p}"]
+    return []
 
 
 def factored_hadamard(n: int, seed: int, max_paley: int = 64) -> FactoredHadamard:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..artifacts import is_finished, read_manifest, read_tensors, sha256_file, write_manifest
 from ..errors import DGQError
-from ..format import linear_weight
+from ..format import ONLINE_FORMAT_VERSION, linear_weight
 from ..models.adapters import decoder_layers, layer_linears
 from ..models.rotation import online_rotation_of
 from ..nn.dgq_linear import FORMATS, format_of
@@ -67,7 +67,10 @@ def pack(ctx: Context, output: Path) -> dict:
     qconfig = quantization_config(adapter, fmt, opts["method"], opts["group"], opts["act"], dtype)
     qconfig["source_model_sha256"] = calib["inputs"]["model"]  # lets verify tell a wrong reference model
     # the residual rotation is folded into the stored weights; loaders apply only the online one
-    qconfig["rotation"] = {"kind": rotation_of(calib), "seed": calib["options"]["seed"], "online": _online_record(model, adapter)}
+    online = _online_record(model, adapter)
+    qconfig["rotation"] = {"kind": rotation_of(calib), "seed": calib["options"]["seed"], "online": online}
+    if online != "none":
+        qconfig["format_version"] = ONLINE_FORMAT_VERSION
     manifest = write_checkpoint(model, tokenizer, qconfig, output, force=True)
     write_manifest(ctx.stage_dir("pack"), "pack", _pack_options(output), {"search": search_manifest["fingerprint"]}, {},
                    checkpoint=manifest["files"], resources=usage.snapshot())
