@@ -143,15 +143,20 @@ def _stream(device: torch.device) -> int:
     return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _quantizer_buffers(x: torch.Tensor, static_scale: torch.Tensor | None):
+    """x made contiguous, the int8 codes (M, K) and float32 scales (M, 1) a quantizer kernel fills,
+    and the static scale as float32 (or None)."""
+    x = x.contiguous()
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    return x, q, scale, None if static_scale is None else static_scale.float().contiguous()
+
+
 def quantize_rows(lib: KernelLibrary, x: torch.Tensor, static_scale: torch.Tensor | None = None):
     """(M, K) float -> int8 codes (M, K) and float32 scales (M, 1), as quantize_per_token/_per_tensor."""
-    x = x.contiguous()
-    m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    static = None if static_scale is None else static_scale.float().contiguous()
+    x, q, scale, static = _quantizer_buffers(x, static_scale)
     lib.call(f"dgq_quantize_rows_{_IN_SUFFIX[x.dtype]}", x.data_ptr(), q.data_ptr(), scale.data_ptr(),
-             None if static is None else static.data_ptr(), m, k, _stream(x.device))
+             None if static is None else static.data_ptr(), *x.shape, _stream(x.device))
     return q, scale
 
 
@@ -160,13 +165,9 @@ def hadamard_quantize_rows(lib: KernelLibrary, x: torch.Tensor, signs: torch.Ten
     """(M, K) fp16/bf16 -> int8 codes (M, K) and float32 scales (M, 1) of x Q, Q the online rotation
     in Sylvester blocks of `block` (64, 128 or 256) features with signs s / sqrt(block) (float32,
     FactoredHadamard's): quantize_per_token(FactoredHadamard.apply(x.float())) in one kernel."""
-    x = x.contiguous()
-    m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    static = None if static_scale is None else static_scale.float().contiguous()
+    x, q, scale, static = _quantizer_buffers(x, static_scale)
     lib.call(f"dgq_hadamard_quantize_rows_{_OUT_SUFFIX[x.dtype]}", x.data_ptr(), signs.data_ptr(), q.data_ptr(),
-             scale.data_ptr(), None if static is None else static.data_ptr(), m, k, block, _stream(x.device))
+             scale.data_ptr(), None if static is None else static.data_ptr(), *x.shape, block, _stream(x.device))
     return q, scale
 
 
