@@ -312,6 +312,20 @@ def test_online_rotated_checkpoint_loads_everywhere_and_export_refuses(tiny_llam
     assert not (tmp_path / "ct").exists()
 
 
+def test_online_rotation_on_a_family_without_the_entry_is_one_error(tiny_opt, corpus_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from dgqtool.cli import app
+
+    common = ["--calib-data", str(corpus_file), "--nsamples", "2", "--seqlen", "32", "--group", "32"]
+    refused = CliRunner().invoke(app, ["quantize", str(tiny_opt), "-o", str(tmp_path / "opt"), *common,
+                                       "--online-rotation", "down"])
+    assert refused.exit_code == 2 and "error: rotation needs an RMSNorm model family; opt" in refused.output
+    assert not (tmp_path / "opt").exists()
+    bad = CliRunner().invoke(app, ["quantize", str(tiny_opt), "-o", str(tmp_path / "opt"), *common, "--online-rotation", "up"])
+    assert bad.exit_code == 2 and "--online-rotation" in bad.output and "up" in bad.output
+
+
 def test_stored_factors_that_are_no_rotation_are_named():
     """A checkpoint's online_signs / online_paley are checked before the model runs."""
     from dgqtool.quant.rotate import factor_problems, factored_hadamard

@@ -110,7 +110,9 @@ class DGQLinear(_W4A8Linear):
         # off CUDA the op runs the integer reference, on the int8 weight expanded once and kept
         w_s8 = None if x.is_cuda else self.int8_weight()
         b = self._buffers  # one dict lookup, not nn.Module.__getattr__ per buffer: eager decode is host-bound
-        x2 = self.rotate_input(x if x.dim() == 2 else x.reshape(-1, self.in_features))
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if b[ONLINE_SIGNS] is not None:  # checked here: no method call per linear where nothing rotates
+            x2 = self.rotate_input(x2)
         out = ops.linear(x2, b["qweight"], b["scales_s2"], b["qzeros"], b["scales_s1"], self.group, b[INPUT_SCALE], w_s8)
         return self._finish(out, x)
 
