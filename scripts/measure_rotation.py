@@ -13,9 +13,8 @@ The stages run on --device (auto: CUDA when there is one) with that device's rec
 so a calibrate (or smooth) stage with the same options runs once for all of them. Zero-shot tasks
 (--tasks piqa ...) go through lm-eval as in `dgq eval`.
 
-Rows (ROWS below) name a rotation of the residual stream (models/rotation.py) and recipe options;
-`online_down` also rotates down_proj's input with a Hadamard matrix at run time (an extra module
-here, not in the kernels or the checkpoint format) to measure what such a kernel would buy.
+Rows (ROWS below) name a rotation of the residual stream (models/rotation.py) and recipe options,
+`online_rotation` among them (down_proj's input rotated at run time, as `--online-rotation down`).
 Appends one JSON object per row to OUT/rows.jsonl as soon as the row is scored, and rewrites
 OUT/RESULTS.md (this run's rows, with the `dgq quantize` flags that reproduce each) after each row.
 
@@ -42,12 +41,11 @@ from dgqtool.calib.capture import run_layers
 from dgqtool.calib.windows import calibration_tokens
 from dgqtool.eval.runner import headline, score_model
 from dgqtool.eval.windows import PPL_TASKS
-from dgqtool.models.adapters import Adapter, InputGroup, adapter_for_model, decoder_layers
+from dgqtool.models.adapters import Adapter, adapter_for_model
 from dgqtool.models.load import load_model
-from dgqtool.models.rotation import rotate_model
+from dgqtool.models.rotation import rotate_model, rotate_online
 from dgqtool.progress import Silent
 from dgqtool.quant.quantizer import fake_quantize_activations
-from dgqtool.quant.rotate import FactoredHadamard, factored_hadamard
 from dgqtool.quant.search import accumulate_moments, quantize_weight
 from dgqtool.recipe import Recipe, flag, load_config
 from dgqtool.stages import calibrate as calibrate_stage
@@ -61,13 +59,12 @@ from dgqtool.stages.search import search
 class Row:
     rotate: str = "none"
     value_heads: bool = True
-    online_down: bool = False
     quantized: bool = True
     recipe: tuple[tuple[str, object], ...] = ()  # Recipe overrides
 
 
-def row(rotate="none", value_heads=True, online_down=False, **recipe) -> Row:
-    return Row(rotate, value_heads, online_down, True, tuple(sorted(recipe.items())))
+def row(rotate="none", value_heads=True, **recipe) -> Row:
+    return Row(rotate, value_heads, True, tuple(sorted(recipe.items())))
 
 
 ROWS: dict[str, Row] = {
@@ -90,52 +87,27 @@ ROWS: dict[str, Row] = {
     "hadamard-groupwise-gptq": row("hadamard", method="groupwise", gptq=True),
     "hadamard-static-gptq": row("hadamard", act="static", gptq=True),
     "static-gptq": row(act="static", gptq=True),
-    "hadamard-online-gptq": row("hadamard", online_down=True, gptq=True),
-    "hadamard-online-nosmooth-gptq": row("hadamard", online_down=True, smooth="none", gptq=True),
-    "hadamard-online-capped-gptq": row("hadamard", online_down=True, max_column_growth=1.0, gptq=True),
-    "hadamard-online-static-gptq": row("hadamard", online_down=True, act="static", gptq=True),
+    "hadamard-online-gptq": row("hadamard", online_rotation="down", gptq=True),
+    "hadamard-online-nosmooth-gptq": row("hadamard", online_rotation="down", smooth="none", gptq=True),
+    "hadamard-online-capped-gptq": row("hadamard", online_rotation="down", max_column_growth=1.0, gptq=True),
+    "hadamard-online-static-gptq": row("hadamard", online_rotation="down", act="static", gptq=True),
 }
 
 
-class OnlineRotation(nn.Module):
-    """x -> x Q in float before the next module, in the factored form a runtime would apply
-    (scripts/bench_online_rotation.py times it): what a fused Hadamard + quantize kernel would do.
-    The factors are buffers, so they move with the layer."""
-
-    def __init__(self, rotation: FactoredHadamard):
-        super().__init__()
-        self.register_buffer("signs", rotation.signs)
-        self.register_buffer("paley", rotation.paley)
-        self.sylvester_order = rotation.sylvester_order
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FactoredHadamard(self.signs, self.paley, self.sylvester_order).apply(x)
-
-
-def _online_adapter(adapter: Adapter) -> Adapter:
-    """down_proj becomes down_proj.1 behind the rotation; up_proj can no longer absorb smoothing."""
-    inputs = tuple(InputGroup(("mlp.down_proj.1",), None) if g.linears == ("mlp.down_proj",) else g for g in adapter.inputs)
-    return dataclasses.replace(adapter, inputs=inputs)
-
-
 def prepare(model: nn.Module, adapter: Adapter, spec_row: Row, seed: int, device: str) -> None:
-    """The float model as the row's stages see it: rotated, optionally with online down rotation."""
+    """The row's rotation of the float model (the stages add its online rotation themselves)."""
     rotate_model(model, adapter, spec_row.rotate, seed, value_heads=spec_row.value_heads, device=device)
-    if spec_row.online_down:  # SmolLM2 (1536 = 12 x 128): rotation_matrix("hadamard")'s Q; 11008: blocks of 256
-        rotation = factored_hadamard(model.config.intermediate_size, seed + 2)
-        q = rotation.matrix()
-        for layer in decoder_layers(model, adapter):
-            down = layer.mlp.down_proj
-            with torch.no_grad():
-                down.weight.copy_((down.weight.double() @ q.to(down.weight.device)).to(down.weight.dtype))
-            layer.mlp.down_proj = nn.Sequential(OnlineRotation(rotation), down)
+
+
+def online_of(spec_row: Row) -> str:
+    return dict(spec_row.recipe).get("online_rotation", "none")
 
 
 def dgq_flags(spec_row: Row) -> str:
     """The `dgq quantize` flags (on top of --config) that reproduce a row, or why none do."""
     if not spec_row.quantized:
         return "float model" + (f", rotated ({spec_row.rotate})" if spec_row.rotate != "none" else "")
-    if spec_row.rotate == "random" or spec_row.online_down or not spec_row.value_heads:
+    if spec_row.rotate == "random" or not spec_row.value_heads:
         return "this script only"
     parts = ["--rotate hadamard"] if spec_row.rotate == "hadamard" else []
     parts += [flag(k) if v is True else f"{flag(k)} {v:g}" if isinstance(v, float) else f"{flag(k)} {v}"
@@ -149,11 +121,9 @@ def quantize_row(spec: str, base: Recipe, spec_row: Row, work: Path, seed: int, 
     ctx = Context(work, recipe, device, Silent(), force=force)
     # the stages rotate right after loading (--rotate); the row's rotation takes that place
     rotate = lambda model, adapter, kind, seed_, device: prepare(model, adapter, spec_row, seed_, device)
-    wrap = _online_adapter if spec_row.online_down else (lambda a: a)
     with contextlib.ExitStack() as patches:
         for stage in (calibrate_stage, smooth_stage):
             patches.enter_context(mock.patch.object(stage, "rotate_model", rotate))
-            patches.enter_context(mock.patch.object(stage, "adapter_for_model", lambda m: wrap(adapter_for_model(m))))
         seconds = {}
 
         def timed(stage, run):
@@ -201,7 +171,7 @@ def probe_row(spec: str, base: Recipe, spec_row: Row, layers: set[int], seed: in
     model, tokenizer, _ = load_model(spec, recipe.dtype)
     adapter = adapter_for_model(model)
     prepare(model, adapter, spec_row, seed, device)
-    adapter = _online_adapter(adapter) if spec_row.online_down else adapter
+    rotate_online(model, adapter, recipe.online_rotation, seed)
     tokens = calibration_tokens(tokenizer, recipe.calib_data, recipe.nsamples, recipe.seqlen, recipe.seed, recipe.data_dir)
     visitor = _Probe(adapter, layers, recipe)
     run_layers(model, adapter, tokens, visitor, device, recipe.batch_size)
@@ -211,7 +181,7 @@ def probe_row(spec: str, base: Recipe, spec_row: Row, layers: set[int], seed: in
 def by_projection(errors: list[dict]) -> dict[str, dict[str, float]]:
     buckets: dict[str, list[dict]] = defaultdict(list)
     for e in errors:
-        buckets[e["linear"].split(".")[-1] if not e["linear"].endswith(".1") else "down_proj"].append(e)
+        buckets[e["linear"].split(".")[-1]].append(e)
     return {name: {"searched_mean": sum(e["searched"] for e in rows) / len(rows),
                    "searched_max": max(e["searched"] for e in rows),
                    "worst_layer": max(rows, key=lambda e: e["searched"])["layer"]}
@@ -273,7 +243,7 @@ def main() -> None:
             model, tokenizer, _ = load_model(args.model, base.resolved(device)[0].dtype)
             prepare(model, adapter_for_model(model), spec_row, args.seed, device)
         else:
-            key = f"{spec_row.rotate}-vo{int(spec_row.value_heads)}-online{int(spec_row.online_down)}-seed{args.seed}"
+            key = f"{spec_row.rotate}-vo{int(spec_row.value_heads)}-online-{online_of(spec_row)}-seed{args.seed}"
             model, tokenizer, errors, stage_s = quantize_row(args.model, base, spec_row, args.work / key, args.seed, args.force, device)
         quantized_s = time.time() - start
         scores = score_model(model.to(device), tokenizer, args.tasks, seqlen=args.seqlen, limit=args.windows,
