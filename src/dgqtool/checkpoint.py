@@ -111,21 +111,26 @@ def tokenizer(path: Path):
 
 
 def replace_linears(model: torch.nn.Module, module_type: type[_W4A8Linear], dtype, static: bool, group_of_linear,
-                    online: dict[str, tuple[int, int]]) -> None:
+                    online: dict[str, tuple[int, int]], where: Path) -> None:
     """Swap every adapter linear of a (meta) model for an empty `module_type` of its shape
     (MoE: the experts are split into linears first, as at quantization time); `online`: the
-    linears with an online input rotation and its (Paley, Sylvester) orders (format.online_rotations)."""
-    unknown = sorted(set(online) - set(adapter_for_model(model).linear_names()))
-    if unknown:
-        raise DGQError(f"rotation.online names {unknown[0]}, which is no quantized linear of this model")
+    linears with an online input rotation and its (Paley, Sylvester) orders (format.online_rotations).
+    A misfit (group size, online rotation) is one DGQError naming `where`."""
     adapter = adapter_for_model(model)
-    for index, layer in enumerate(decoder_layers(model, adapter)):
-        for name in adapter.linear_names():
-            linear = layer.get_submodule(name)
-            with torch.device("meta"):
-                module = module_type(linear.in_features, linear.out_features, group_of_linear(linear, f"layer {index} {name}"),
-                                     bias=linear.bias is not None, static=static, dtype=dtype, online=online.get(name))
-            layer.set_submodule(name, module)
+    try:
+        unknown = sorted(set(online) - set(adapter.linear_names()))
+        if unknown:
+            raise DGQError(f"rotation.online names {unknown[0]}, which is no quantized linear of this model")
+        for index, layer in enumerate(decoder_layers(model, adapter)):
+            for name in adapter.linear_names():
+                linear = layer.get_submodule(name)
+                with torch.device("meta"):
+                    module = module_type(linear.in_features, linear.out_features,
+                                         group_of_linear(linear, f"layer {index} {name}"), bias=linear.bias is not None,
+                                         static=static, dtype=dtype, online=online.get(name))
+                layer.set_submodule(name, module)
+    except (ValueError, DGQError) as exc:  # ValueError: online blocks that do not divide the linear
+        raise DGQError(f"{where}: {exc}") from None
 
 
 def check_quantized_modules(model: torch.nn.Module, where: Path) -> None:
@@ -163,10 +168,7 @@ def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, 
         del config.quantization_config  # the modules are swapped here, not by a transformers quantizer
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    try:
-        replace_linears(model, module_type, dtype, static, group_of_linear, online or {})
-    except (ValueError, DGQError) as exc:  # an online rotation that does not fit the model
-        raise DGQError(f"{path}: {exc}") from None
+    replace_linears(model, module_type, dtype, static, group_of_linear, online or {}, path)
     problem = packed_problem(model, {k: (v.dtype, tuple(v.shape)) for k, v in state.items()})
     if problem:
         raise DGQError(f"{path}: {problem}")

@@ -194,6 +194,21 @@ def _online_problems(q: dict) -> list[str]:
     return [] if p == 1 or paley_order_exists(p) else [f"rotation.online.paley_order {p} has no Paley construction"]
 
 
+def with_rotation(q: dict, kind: str, seed: int, online: dict[str, tuple[int, int]]) -> dict:
+    """The config block with its rotation record: the residual rotation `kind` (folded into the
+    stored weights: loaders apply nothing for it) and the online one, linear name -> (Paley order,
+    Sylvester order) as online_rotations returns it; format version 2 where there is an online one."""
+    orders = set(online.values())
+    if len(orders) > 1:
+        raise DGQError(f"online rotations of different block shapes ({sorted(orders)}) cannot be recorded")
+    record: str | dict = "none"
+    if online:
+        (paley, sylvester), = orders
+        record = {"linears": sorted(online), "paley_order": paley, "sylvester_order": sylvester}
+    version = {"format_version": ONLINE_FORMAT_VERSION} if online else {}
+    return q | version | {"rotation": {"kind": kind, "seed": seed, "online": record}}
+
+
 def online_rotations(q: dict) -> dict[str, tuple[int, int]]:
     """Linear name (within a layer) -> (Paley order, Sylvester order) of its online rotation, from a
     checked quantization_config; empty when the checkpoint has none."""

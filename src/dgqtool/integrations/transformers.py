@@ -42,11 +42,8 @@ class DGQHfQuantizer(HfQuantizer):
         q = checked_config(path)["quantization_config"]
         header = tensor_header(path / WEIGHTS)
         model._keys_to_ignore_on_load_unexpected.add(re.escape(guard_key(header)))
-        try:
-            replace_linears(model, FORMATS[q["format"]], model.dtype, q["activation"] == "static",
-                            lambda linear, where: group_of(q, linear.in_features, where), online_rotations(q))
-        except (ValueError, DGQError) as exc:  # an online rotation that does not fit the model
-            raise DGQError(f"{path}: {exc}") from None
+        replace_linears(model, FORMATS[q["format"]], model.dtype, q["activation"] == "static",
+                        lambda linear, where: group_of(q, linear.in_features, where), online_rotations(q), path)
         problem = packed_problem(model, header)
         if problem:
             raise DGQError(f"{path}: {problem}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..artifacts import is_finished, read_manifest, read_tensors, sha256_file, write_manifest
 from ..errors import DGQError
-from ..format import ONLINE_FORMAT_VERSION, linear_weight
+from ..format import linear_weight
 from ..models.adapters import decoder_layers, layer_linears
 from ..models.rotation import online_rotation_of
 from ..nn.dgq_linear import FORMATS, format_of
@@ -39,17 +39,10 @@ def quantized_model(ctx: Context):
     return model, tokenizer, adapter, formats.pop(), search_manifest, calib
 
 
-def _online_record(model, adapter) -> str | dict:
-    """rotation.online of the config block: which linears read x Q at run time, and Q's block shape."""
-    found = {name: module for name, module in layer_linears(decoder_layers(model, adapter)[0], adapter).items()
-             if getattr(module, "online_signs", None) is not None}
-    if not found:
-        return "none"
-    orders = {(m.online_paley.shape[0], m.sylvester_order) for m in found.values()}
-    if len(orders) != 1:
-        raise DGQError(f"online rotations of different block shapes ({sorted(orders)}) cannot be recorded")
-    (paley, sylvester), = orders
-    return {"linears": sorted(found), "paley_order": paley, "sylvester_order": sylvester}
+def _online_orders(model, adapter) -> dict[str, tuple[int, int]]:
+    """The packed linears that read x Q at run time, with Q's (Paley, Sylvester) orders."""
+    return {name: (m.online_paley.shape[0], m.sylvester_order)
+            for name, m in layer_linears(decoder_layers(model, adapter)[0], adapter).items() if m.online_signs is not None}
 
 
 def _pack_options(output: Path) -> dict:
@@ -57,7 +50,7 @@ def _pack_options(output: Path) -> dict:
 
 
 def pack(ctx: Context, output: Path) -> dict:
-    from ..format import quantization_config
+    from ..format import quantization_config, with_rotation
     from ..pack import write_checkpoint
 
     usage = Usage()
@@ -66,11 +59,7 @@ def pack(ctx: Context, output: Path) -> dict:
     dtype = next(model.parameters()).dtype
     qconfig = quantization_config(adapter, fmt, opts["method"], opts["group"], opts["act"], dtype)
     qconfig["source_model_sha256"] = calib["inputs"]["model"]  # lets verify tell a wrong reference model
-    # the residual rotation is folded into the stored weights; loaders apply only the online one
-    online = _online_record(model, adapter)
-    qconfig["rotation"] = {"kind": rotation_of(calib), "seed": calib["options"]["seed"], "online": online}
-    if online != "none":
-        qconfig["format_version"] = ONLINE_FORMAT_VERSION
+    qconfig = with_rotation(qconfig, rotation_of(calib), calib["options"]["seed"], _online_orders(model, adapter))
     manifest = write_checkpoint(model, tokenizer, qconfig, output, force=True)
     write_manifest(ctx.stage_dir("pack"), "pack", _pack_options(output), {"search": search_manifest["fingerprint"]}, {},
                    checkpoint=manifest["files"], resources=usage.snapshot())
