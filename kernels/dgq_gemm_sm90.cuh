@@ -12,17 +12,9 @@
 #include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
 #include "cutlass/util/packed_stride.hpp"
 #include "dgq_gemm_launch.cuh"
+#include "dgq_host_env.cuh"
 
 namespace dgq {
-
-inline int sm_count() {
-  static int count = [] {
-    int device = 0;
-    cudaGetDevice(&device);
-    return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  }();
-  return count;
-}
 
 template <class Gemm>
 typename Gemm::Arguments gemm_arguments(const int8_t* x, const int8_t* w, const float* s_x, const void* s1,
@@ -43,7 +35,7 @@ typename Gemm::Arguments gemm_arguments(const int8_t* x, const int8_t* w, const 
       {{}, {s_x, 0.f, {}}, {}},
       {static_cast<cutlass::half_t const*>(s1), cutlass::half_t(0), {}},
       {}};
-  args.hw_info.sm_count = sm_count();
+  args.hw_info.sm_count = dgq_host::current_sm_count();  // the current device's, not the first one's
   return args;
 }
 

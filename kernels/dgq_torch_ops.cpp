@@ -5,6 +5,9 @@
 // (docs/integration.md). Here one call makes one allocation for the int8 tokens and their scales,
 // one for the output, and launches the quantizer and the GEMV / tensor-core kernel itself.
 //
+// dgq::rotated_linear (an online-rotated input, ops/rotation.py) takes the same paths with the
+// rotation fused into the quantizer (dgq_hadamard_quantize_rows), so x Q never goes to memory.
+//
 // The path is Python's choice (dgqtool.kernels.runtime.choose_path), asked once per (device,
 // dtype, M bucket, N, K, group, static scale) through dgq::plan, which answers with the kernel
 // entry points' addresses in the library Python loaded; every other path (the wgmma and
@@ -28,6 +31,8 @@ namespace {
 // The kernel library's C entry points (kernels/dgq_w4a8.cu); cudaStream_t is a pointer.
 using Quantize = int (*)(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k,
                          void* stream);
+using RotatingQuantize = int (*)(const void* x, const float* signs, int8_t* q, float* scale,
+                                 const float* static_scale, int m, int k, int t, void* stream);
 using Gemv = int (*)(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
                      const float* s_x, void* out, int n, int k, int group, int channels_per_warp, int steps,
                      void* stream);
@@ -35,12 +40,13 @@ using Mma = int (*)(const void* qweight, const int8_t* s2, const uint8_t* zp, co
                     const float* s_x, void* out, int m, int n, int k, int group, int channel_tiles, int warps,
                     void* stream);
 
-// dgq::plan's answer: [path, config 0, config 1, quantizer address, GEMM address]
+// dgq::plan's answer: [path, config 0, config 1, quantizer address, GEMM address, rotating quantizer address]
 enum Path : int64_t { kPython = 0, kGemv = 1, kMma = 2 };
 struct Plan {
   int64_t path = kPython, config0 = 0, config1 = 0;
   Quantize quantize = nullptr;
   void* gemm = nullptr;
+  RotatingQuantize rotating = nullptr;
 };
 using Key = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, bool>;
 
@@ -65,10 +71,11 @@ Plan plan_for(const at::Tensor& x, const at::Tensor& qweight, int64_t group, boo
                               .typed<std::vector<int64_t>(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
   const std::vector<int64_t> answer = ask.call(x, qweight, group, is_static);  // Python, outside the lock
   Plan plan;
-  if (answer.size() == 5 && (answer[0] == kGemv || answer[0] == kMma)) {
+  if (answer.size() == 6 && (answer[0] == kGemv || answer[0] == kMma)) {
     plan.path = answer[0], plan.config0 = answer[1], plan.config1 = answer[2];
     plan.quantize = reinterpret_cast<Quantize>(static_cast<uintptr_t>(answer[3]));
     plan.gemm = reinterpret_cast<void*>(static_cast<uintptr_t>(answer[4]));
+    plan.rotating = reinterpret_cast<RotatingQuantize>(static_cast<uintptr_t>(answer[5]));
   }
   std::lock_guard<std::mutex> lock(mutex);
   plans.emplace(key, plan);
@@ -80,24 +87,12 @@ void check(int status, const char* what) {
   TORCH_CHECK(status == 0, what, ": ", status > 0 && status < 4 ? kErrors[status] : "unknown error");
 }
 
-at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_s2,
-                       const at::Tensor& qzeros, const at::Tensor& scales_s1, int64_t group,
-                       const std::optional<at::Tensor>& input_scale, const std::optional<at::Tensor>& w_s8) {
-  // K % 32 keeps the scales after the int8 tokens aligned (the kernels need it anyway); M = 0 goes
-  // to Python, so that an empty batch never decides the plan of its bucket (bucket(0) = 1)
-  const bool runs_here = x.dim() == 2 && x.size(0) > 0 && x.size(1) % 32 == 0;
-  const Plan plan = runs_here ? plan_for(x, qweight, group, input_scale.has_value()) : Plan{};
-  if (plan.path == kPython) {
-    static const auto python = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("dgq::linear_python", "")
-                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                     const at::Tensor&, const at::Tensor&, int64_t,
-                                                     const std::optional<at::Tensor>&,
-                                                     const std::optional<at::Tensor>&)>();
-    return python.call(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8);
-  }
-  const c10::DeviceGuard device_guard(x.device());  // the kernels launch on the current device
-  const at::Tensor input = x.contiguous();
+// Quantizes the (m, k) input into the int8 tokens and their scales (one allocation) with
+// `quantize`, then runs the plan's GEMV or tensor-core kernel on them.
+template <typename QuantizeInto>
+at::Tensor quantize_and_multiply(const Plan& plan, const at::Tensor& input, const at::Tensor& qweight,
+                                 const at::Tensor& scales_s2, const at::Tensor& qzeros, const at::Tensor& scales_s1,
+                                 int64_t group, const std::optional<at::Tensor>& input_scale, QuantizeInto quantize) {
   const int m = static_cast<int>(input.size(0)), k = static_cast<int>(input.size(1));
   const int n = static_cast<int>(qweight.size(0));
   // the int8 tokens, then their float scales: m * k is a multiple of 32, so the scales stay aligned
@@ -107,8 +102,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   std::optional<at::Tensor> fixed;
   if (input_scale.has_value()) fixed = input_scale->to(at::kFloat).contiguous();
   void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(input.device()).native_handle();
-  check(plan.quantize(input.data_ptr(), codes, scales, fixed ? fixed->data_ptr<float>() : nullptr, m, k, stream),
-        "dgq quantize");
+  check(quantize(codes, scales, fixed ? fixed->data_ptr<float>() : nullptr, m, k, stream), "dgq quantize");
   at::Tensor out = at::empty({m, n}, input.options());
   const auto* s2 = static_cast<const int8_t*>(scales_s2.data_ptr());
   const auto* zp = static_cast<const uint8_t*>(qzeros.data_ptr());
@@ -125,6 +119,65 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at:
   return out;
 }
 
+// K % 32 keeps the scales after the int8 tokens aligned (the kernels need it anyway); M = 0 goes
+// to Python, so that an empty batch never decides the plan of its bucket (bucket(0) = 1)
+Plan plan_if_native(const at::Tensor& x, const at::Tensor& qweight, int64_t group, bool is_static) {
+  const bool runs_here = x.dim() == 2 && x.size(0) > 0 && x.size(1) % 32 == 0;
+  return runs_here ? plan_for(x, qweight, group, is_static) : Plan{};
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_s2,
+                       const at::Tensor& qzeros, const at::Tensor& scales_s1, int64_t group,
+                       const std::optional<at::Tensor>& input_scale, const std::optional<at::Tensor>& w_s8) {
+  const Plan plan = plan_if_native(x, qweight, group, input_scale.has_value());
+  if (plan.path == kPython) {
+    static const auto python = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("dgq::linear_python", "")
+                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, const at::Tensor&, int64_t,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&)>();
+    return python.call(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8);
+  }
+  const c10::DeviceGuard device_guard(x.device());  // the kernels launch on the current device
+  const at::Tensor input = x.contiguous();
+  return quantize_and_multiply(plan, input, qweight, scales_s2, qzeros, scales_s1, group, input_scale,
+                               [&](int8_t* codes, float* scales, const float* fixed, int m, int k, void* stream) {
+                                 return plan.quantize(input.data_ptr(), codes, scales, fixed, m, k, stream);
+                               });
+}
+
+// The fused rotating quantizer takes Sylvester blocks of 64 / 128 / 256, at most 64 of them a row
+// (ops/rotation.py MAX_FUSED_BLOCKS); everything else goes to the Python kernel.
+at::Tensor rotated_linear_cuda(const at::Tensor& x, const at::Tensor& signs, int64_t block, const at::Tensor& qweight,
+                               const at::Tensor& scales_s2, const at::Tensor& qzeros, const at::Tensor& scales_s1,
+                               int64_t group, const std::optional<at::Tensor>& input_scale,
+                               const std::optional<at::Tensor>& w_s8) {
+  const bool fused_block = (block == 64 || block == 128 || block == 256) && x.dim() == 2 && x.size(1) % block == 0 &&
+                           x.size(1) / block <= 64 && signs.scalar_type() == at::kFloat && signs.is_contiguous();
+  const Plan plan = fused_block ? plan_if_native(x, qweight, group, input_scale.has_value()) : Plan{};
+  if (plan.path == kPython || plan.rotating == nullptr) {
+    static const auto python = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("dgq::rotated_linear_python", "")
+                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&)>();
+    return python.call(x, signs, block, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8);
+  }
+  const c10::DeviceGuard device_guard(x.device());
+  const at::Tensor input = x.contiguous();
+  const int t = static_cast<int>(block);
+  return quantize_and_multiply(plan, input, qweight, scales_s2, qzeros, scales_s1, group, input_scale,
+                               [&](int8_t* codes, float* scales, const float* fixed, int m, int k, void* stream) {
+                                 return plan.rotating(input.data_ptr(), signs.data_ptr<float>(), codes, scales, fixed,
+                                                      m, k, t, stream);
+                               });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dgq, CUDA, m) { m.impl("linear", TORCH_FN(linear_cuda)); }
+TORCH_LIBRARY_IMPL(dgq, CUDA, m) {
+  m.impl("linear", TORCH_FN(linear_cuda));
+  m.impl("rotated_linear", TORCH_FN(rotated_linear_cuda));
+}

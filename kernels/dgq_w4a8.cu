@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 
@@ -28,6 +29,7 @@ __device__ __forceinline__ uint32_t group_constant(int s2, int zp) {
   return static_cast<uint32_t>(128 - s2 * zp) * 0x01010101u;
 }
 
+#include "dgq_host_env.cuh"  // g_env: the A/B switches, read once
 #include "dgq_word_group.cuh"  // WordGroup
 
 __device__ __forceinline__ void convert8(uint32_t word, uint32_t s2, uint32_t c, uint32_t& even, uint32_t& odd) {
@@ -75,11 +77,7 @@ int launch(Kernel kernel, dim3 grid, dim3 block, cudaStream_t stream, Args... ar
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  static const bool disabled = [] {  // DGQ_PDL=0: plain stream order, for A/B timing (read once)
-    const char* value = getenv("DGQ_PDL");
-    return value != nullptr && value[0] == '0';
-  }();
-  config.numAttrs = DGQ_PDL && !disabled ? 1 : 0;
+  config.numAttrs = DGQ_PDL && !dgq_host::g_env.pdl_off ? 1 : 0;  // DGQ_PDL=0: plain stream order
   return cudaLaunchKernelEx(&config, kernel, args...) == cudaSuccess ? 0 : 3;
 }
 
@@ -560,7 +558,8 @@ int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_sc
 
 // Per-token int8 quantization of x Q with the online rotation Q = diag(s) blockdiag(S_t) / sqrt(t)
 // fused in (quant/rotate.py FactoredHadamard with no Paley factor), so x Q never goes to memory.
-// `signs` holds s / sqrt(t) in float32. A lane owns E = t / 32 consecutive features of a t-block
+// `signs` holds s (+-1) in float32, `sign_scale` fl32(t^-1/2) as Python's t ** -0.5 rounds it: the
+// product is exactly FactoredHadamard.apply's scaled sign. A lane owns E = t / 32 consecutive features of a t-block
 // (one load), a warp a block at a time, the block's warps R blocks each, held in registers. The
 // butterflies run in FactoredHadamard.apply's order -- strides 1, 2, ..., t / 2, each one fp32 add
 // or subtract, in registers below E and across lanes from E on -- so the rotated values, and with
@@ -571,7 +570,7 @@ __global__ void __launch_bounds__(32 * W) hadamard_quantize_rows_kernel(const In
                                                                      const float* __restrict__ signs,
                                                                      int8_t* __restrict__ q, float* __restrict__ scale,
                                                                      const float* __restrict__ static_scale,
-                                                                     In* __restrict__ rotated, int k) {
+                                                                     In* __restrict__ rotated, float sign_scale, int k) {
   constexpr int T = 32 * E;
   static_assert(E * sizeof(In) <= 16 && (E & (E - 1)) == 0, "a lane loads its E features at once");
   __shared__ float warp_max[32];
@@ -594,7 +593,7 @@ __global__ void __launch_bounds__(32 * W) hadamard_quantize_rows_kernel(const In
       for (int e = 0; e < E; ++e) raw[e] = x[row * k + f0 + e];
     }
 #pragma unroll
-    for (int e = 0; e < E; ++e) v[r][e] = __fmul_rn(to_float(raw[e]), signs[f0 + e]);  // never fused into an FMA
+    for (int e = 0; e < E; ++e) v[r][e] = __fmul_rn(to_float(raw[e]), signs[f0 + e] * sign_scale);  // no FMA
 #pragma unroll
     for (int h = 1; h < E; h *= 2)  // strides within the lane's E features
 #pragma unroll
@@ -650,9 +649,10 @@ int hadamard_quantize_rows(const void* x, const float* signs, int8_t* q, float* 
   if (m < 1 || t < 64 || k % t) return 1;
   const bool wide = m <= 64 && k / t > 8;
   const int warps = wide ? 32 : 8, per_warp = (k / t + warps - 1) / warps;
+  const float sign_scale = static_cast<float>(std::pow(static_cast<double>(t), -0.5));  // libm pow, as Python's **
   auto run = [&](auto kernel) {
     kernel<<<m, 32 * warps, 0, stream>>>(static_cast<const In*>(x), signs, q, scale, static_scale,
-                                         static_cast<In*>(rotated), k);
+                                         static_cast<In*>(rotated), sign_scale, k);
     return cudaGetLastError() == cudaSuccess ? 0 : 3;
   };
 #define DGQ_HADAMARD_BLOCK(E)                                                                          \

@@ -41,6 +41,7 @@
 #include <cstdlib>
 #include <utility>
 
+#include "dgq_host_env.cuh"  // g_env, sm_count: the host lookups made once
 #include "wgmma_ops.cuh"  // emitted by generate.py: WgmmaRS<N>::mma, the register-A wgmma per N
 
 namespace dgq_wgmma {
@@ -536,23 +537,9 @@ inline bool make_map(CUtensorMap* map, const void* base, uint64_t rows, uint64_t
 // main loop done, end) as %globaltimer ns into `trace` (6 x units int64); nullptr turns it off.
 inline long long* g_trace = nullptr;  // set by dgq_wgmma_set_trace (wgmma_common.cu)
 
-// Host lookups made once, not per launch: at decode sizes the host's time per linear is the pace.
-constexpr int kMaxDevices = 64;
-
-struct LaunchEnv {  // A/B switches for timing, read when the library loads
-  bool persist_off = env_is_zero("DGQ_PERSIST"), pdl_off = env_is_zero("DGQ_PDL");
-  static bool env_is_zero(const char* name) {
-    const char* value = getenv(name);
-    return value != nullptr && value[0] == '0';
-  }
-};
-inline const LaunchEnv g_env;
-
-inline int sm_count(int device) {
-  static int counts[kMaxDevices] = {};  // a benign race: every thread stores the same value
-  if (counts[device] == 0) cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
-  return counts[device];
-}
+using dgq_host::g_env;
+using dgq_host::kMaxDevices;
+using dgq_host::sm_count;
 
 // 0 ok, 1 unsupported shape, 3 launch failure. x_p: (m, k_pad) int8 in the permuted order,
 // k_pad = k rounded up to 128. partials / counters: only read when splits > 1.

@@ -13,11 +13,13 @@ g128 as in docs/kernels.md), bf16:
   quantize   the per-token int8 quantization alone,
   fused      the rotation fused into it (dgq_hadamard_quantize_rows: Sylvester blocks only, so
              SmolLM2's 12 x 128 is timed as blocks of 128, what a block-diagonal format would pay), and
-  kernel     the rotation alone (dgq_hadamard_rows, x Q written in x's dtype), what an online-rotated
-             checkpoint runs today before its linear (which then quantizes as usual);
+  kernel     the rotation alone (dgq_hadamard_rows, x Q written in x's dtype), and
+  rotated    the whole rotated linear as an online-rotated checkpoint runs it (dgq::rotated_linear:
+             on the GEMV / tensor-core paths the rotation fused into the quantizer, else the
+             rotation kernel, then the linear);
 each the median of CUDA-graph replays (scripts/bench_gemm.py's `bench`). Prints rotate / linear
 and compiled / linear per M, what the fused kernel adds over the plain quantization, and the
-rotation kernel over the linear.
+rotation kernel and the rotated linear over the linear.
 
     python scripts/bench_online_rotation.py [--rows 1 8 64 512 4096]
     python scripts/bench_online_rotation.py --check     # CPU: apply() equals x Q (block by block) on both shapes
@@ -48,14 +50,16 @@ def check() -> None:
 def measure(rows: list[int]) -> None:
     from bench_gemm import bench
 
+    from dgqtool import ops
     from dgqtool.kernels import runtime
     from dgqtool.quant.dual_grained import pack_nibbles, random_dual_grained
 
     lib = runtime.library(torch.device("cuda"))
     assert lib is not None, "kernel library unavailable"
     print("| shape | M | rotate us | compiled us | dense us | DGQ linear us | rotate / linear | compiled / linear "
-          "| quantize us | fused us | (fused - quantize) / linear | kernel us | kernel / linear |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| quantize us | fused us | (fused - quantize) / linear | kernel us | kernel / linear | rotated linear us "
+          "| rotated / linear |")
+    print("|---" * 15 + "|")
     for name, (out_features, n, group) in SHAPES.items():
         f = factored_hadamard(n, seed=2).to("cuda")  # no host copies inside the captured graphs
         dense = f.matrix().to("cuda", torch.bfloat16)
@@ -63,7 +67,7 @@ def measure(rows: list[int]) -> None:
         w = random_dual_grained(out_features, n, group, torch.Generator().manual_seed(0))
         weight = (pack_nibbles(w.codes).cuda(), w.s2.cuda(), w.zero.cuda(), w.s1.half().cuda())
         block = f.sylvester_order if f.paley.shape[0] == 1 else 128
-        signs = f.signs.to(torch.float32) * block**-0.5
+        signs = f.signs.to("cuda", torch.float32)
         for m in rows:
             x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
             rotate = bench(lambda: f.apply(x))
@@ -73,9 +77,11 @@ def measure(rows: list[int]) -> None:
             plain = bench(lambda: runtime.quantize_rows(lib, x))
             fused_quant = bench(lambda: runtime.hadamard_quantize_rows(lib, x, signs, block))
             alone = bench(lambda: runtime.hadamard_rows(lib, x, signs, block))
+            rotated = bench(lambda: ops.rotated_linear(x, signs, block, *weight, group))
             print(f"| {name} | {m} | {rotate:.1f} | {fused:.1f} | {matmul:.1f} | {linear:.1f} | "
                   f"{rotate / linear:.2f} | {fused / linear:.2f} | {plain:.1f} | {fused_quant:.1f} | "
-                  f"{(fused_quant - plain) / linear:.2f} | {alone:.1f} | {alone / linear:.2f} |", flush=True)
+                  f"{(fused_quant - plain) / linear:.2f} | {alone:.1f} | {alone / linear:.2f} | {rotated:.1f} | "
+                  f"{rotated / linear:.2f} |", flush=True)
 
 
 def main() -> None:

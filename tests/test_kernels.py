@@ -419,7 +419,7 @@ def test_fused_hadamard_quantization_equals_rotating_then_quantizing(dtype, k, b
     lib = _library()
     signs = torch.randint(0, 2, (k,), generator=torch.Generator().manual_seed(3)).double() * 2 - 1
     rotation = FactoredHadamard(signs, torch.ones(1, 1, dtype=torch.float64), block).to("cuda")
-    signs = rotation.signs.to(torch.float32) * rotation.block**-0.5
+    signs = rotation.signs.to(torch.float32)
     scale = torch.tensor([0.05], device="cuda") if static else None
     for m in (1, 7, 300, 600):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -457,7 +457,14 @@ def test_online_rotated_linear_on_the_gpu_equals_the_cpu_module(dtype, k, paley)
         got, want = gpu_module(x[:batch, :rows].cuda()).cpu(), ref[:batch, :rows]
         exact = torch.equal(got, want)
         assert exact if paley == 1 else exact or ((got - want).float().norm() / want.float().norm()) < 1e-2, (batch, rows)
-    # one graph through the rotation op and the linear op (dgq run's compiled decode)
+    if paley == 1:  # the C++ kernel's fused rotating quantizer = the Python kernel's rotate, then quantize
+        b = gpu_module._buffers
+        args = (b["qweight"], b["scales_s2"], b["qzeros"], b["scales_s1"], 64)
+        for rows in (1, 8, 40):
+            xs = x[0, :rows].cuda()
+            assert torch.equal(torch.ops.dgq.rotated_linear.default(xs, b["online_signs"], 128, *args),
+                               torch.ops.dgq.rotated_linear_python.default(xs, b["online_signs"], 128, *args)), rows
+    # one graph through the rotated linear's op (dgq run's compiled decode)
     torch._dynamo.reset()
     x8 = x[:3, :8].cuda()
     assert torch.equal(torch.compile(gpu_module, fullgraph=True, backend="aot_eager")(x8), gpu_module(x8))

@@ -49,9 +49,10 @@ def test_op_registration_passes_opcheck():
 
 
 def test_online_rotation_op_equals_apply_and_compiles_into_one_graph():
-    """dgq::hadamard_rows (a Sylvester-only online rotation) passes opcheck, equals
-    FactoredHadamard.apply bit for bit, and a module using it compiles whole (fullgraph): one
-    rotation op and one linear op in the graph, output equal to eager."""
+    """dgq::hadamard_rows (a Sylvester-only online rotation) passes opcheck and equals
+    FactoredHadamard.apply bit for bit; dgq::rotated_linear passes opcheck and equals dgq::linear of
+    the rotated input; a module with such a rotation compiles whole (fullgraph) into one
+    rotated_linear op, output equal to eager."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from dgqtool.nn.dgq_linear import DGQLinear
@@ -62,6 +63,9 @@ def test_online_rotation_op_equals_apply_and_compiles_into_one_graph():
     x = torch.randn(5, 128, generator=GEN)
     torch.library.opcheck(torch.ops.dgq.hadamard_rows.default, (x, rotation.signs.float(), 128))
     assert torch.equal(ops.hadamard_rows(x, rotation.signs.float(), 128), rotation.apply(x))
+    signs = rotation.signs.float()
+    torch.library.opcheck(torch.ops.dgq.rotated_linear.default, (x, signs, 128, *ARGS))
+    assert torch.equal(ops.rotated_linear(x, signs, 128, *ARGS), ops.linear(rotation.apply(x), *ARGS))
     module = DGQLinear.from_weight(WEIGHT, None, None, torch.float32, rotation)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
@@ -69,8 +73,8 @@ def test_online_rotation_op_equals_apply_and_compiles_into_one_graph():
         eager = module(x)
         compiled = torch.compile(module, fullgraph=True, backend=counter)(x)
     targets = [n.target for g in counter.graphs for n in g.graph.nodes]
-    assert counter.frame_count == 1 and targets.count(torch.ops.dgq.hadamard_rows.default) == 1
-    assert targets.count(torch.ops.dgq.linear.default) == 1 and torch.equal(compiled, eager)
+    assert counter.frame_count == 1 and targets.count(torch.ops.dgq.rotated_linear.default) == 1
+    assert torch.equal(compiled, eager)
     assert not torch.equal(eager, DGQLinear.from_weight(WEIGHT, None, None, torch.float32)(x))
 
 

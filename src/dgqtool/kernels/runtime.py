@@ -163,8 +163,9 @@ def quantize_rows(lib: KernelLibrary, x: torch.Tensor, static_scale: torch.Tenso
 def hadamard_quantize_rows(lib: KernelLibrary, x: torch.Tensor, signs: torch.Tensor, block: int,
                            static_scale: torch.Tensor | None = None):
     """(M, K) fp16/bf16 -> int8 codes (M, K) and float32 scales (M, 1) of x Q, Q the online rotation
-    in Sylvester blocks of `block` (64, 128 or 256) features with signs s / sqrt(block) (float32,
-    FactoredHadamard's): quantize_per_token(FactoredHadamard.apply(x.float())) in one kernel."""
+    in Sylvester blocks of `block` (64, 128 or 256) features with signs s (+-1, float32; the kernel
+    scales them by block ** -0.5 as FactoredHadamard.apply does):
+    quantize_per_token(FactoredHadamard.apply(x.float())) in one kernel."""
     x, q, scale, static = _quantizer_buffers(x, static_scale)
     lib.call(f"dgq_hadamard_quantize_rows_{_OUT_SUFFIX[x.dtype]}", x.data_ptr(), signs.data_ptr(), q.data_ptr(),
              scale.data_ptr(), None if static is None else static.data_ptr(), *x.shape, block, _stream(x.device))
@@ -346,13 +347,15 @@ NATIVE_PATHS = {"gemv": 1, "mma": 2}
 
 def native_plan(lib: KernelLibrary, x: torch.Tensor, n: int) -> list[int]:
     """dgq::plan's answer for the C++ kernel: [path id, config, config, quantizer address, kernel
-    address] where choose_path picks a path it runs, else [0] (it calls the Python path)."""
+    address, rotating quantizer address] where choose_path picks a path it runs, else [0] (it
+    calls the Python path). The rotating quantizer is dgq_hadamard_quantize_rows (rotated_linear)."""
     m, k = x.shape
     path, config = choose_path(lib, m, n, k)
     if path not in NATIVE_PATHS:
         return [0]
     config = config or (GEMV_DEFAULT if path == "gemv" else MMA_DEFAULT)
-    entries = (f"dgq_quantize_rows_{_IN_SUFFIX[x.dtype]}", f"dgq_{path}_{_OUT_SUFFIX[x.dtype]}")
+    entries = (f"dgq_quantize_rows_{_IN_SUFFIX[x.dtype]}", f"dgq_{path}_{_OUT_SUFFIX[x.dtype]}",
+               f"dgq_hadamard_quantize_rows_{_OUT_SUFFIX[x.dtype]}")
     return [NATIVE_PATHS[path], *config, *(ctypes.cast(getattr(lib.lib, e), ctypes.c_void_p).value for e in entries)]
 
 

@@ -111,9 +111,14 @@ class DGQLinear(_W4A8Linear):
         w_s8 = None if x.is_cuda else self.int8_weight()
         b = self._buffers  # one dict lookup, not nn.Module.__getattr__ per buffer: eager decode is host-bound
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if b[ONLINE_SIGNS] is not None:  # checked here: no method call per linear where nothing rotates
-            x2 = self.rotate_input(x2)
-        out = ops.linear(x2, b["qweight"], b["scales_s2"], b["qzeros"], b["scales_s1"], self.group, b[INPUT_SCALE], w_s8)
+        weight = (b["qweight"], b["scales_s2"], b["qzeros"], b["scales_s1"], self.group, b[INPUT_SCALE], w_s8)
+        signs = b[ONLINE_SIGNS]
+        if signs is None:
+            out = ops.linear(x2, *weight)
+        elif b[ONLINE_PALEY].shape[0] == 1:  # on a GPU the rotation runs inside the activation quantizer
+            out = ops.rotated_linear(x2, signs, self.sylvester_order, *weight)
+        else:
+            out = ops.linear(self.rotate_input(x2), *weight)
         return self._finish(out, x)
 
 

@@ -1,5 +1,8 @@
 """`dgq::hadamard_rows`: the online input rotation of a Sylvester-only FactoredHadamard, x (M, K)
--> x Q in x's dtype, Q = diag(signs) blockdiag(S_t) / sqrt(t) with signs +-1.
+-> x Q in x's dtype, Q = diag(signs) blockdiag(S_t) / sqrt(t) with signs +-1; and
+`dgq::rotated_linear`: dgq::linear of x Q, which the C++ kernel (kernels/dgq_torch_ops.cpp) runs
+with the rotation fused into the activation quantizer on the GEMV and tensor-core paths (x Q never
+goes to memory); its Python kernel rotates, then calls dgq::linear.
 
 The default implementation is FactoredHadamard.apply (torch ops, float32). On CUDA the fused
 kernel (dgq_hadamard_rows) computes the same float32 butterflies in the same order, bit-identical,
@@ -14,6 +17,7 @@ import torch
 
 from ..kernels import runtime
 from ..quant.rotate import FactoredHadamard
+from .linear import linear, load_native
 
 MAX_FUSED_BLOCKS = 64  # what one launch of the fused kernel covers at every M (8 warps x 8 blocks)
 
@@ -26,8 +30,7 @@ def _cuda(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     lib = runtime.library_for(x)
     if lib is None or x.shape[0] == 0 or block not in runtime.HADAMARD_ORDERS or x.shape[1] // block > MAX_FUSED_BLOCKS:
         return reference(x, signs, block)
-    # the scaled signs as FactoredHadamard.apply forms them: float32 s times float32(t^-1/2), exact
-    return runtime.hadamard_rows(lib, x, signs.float() * block**-0.5, block)
+    return runtime.hadamard_rows(lib, x, signs.float().contiguous(), block)  # a no-op for the stored float32 signs
 
 
 _LIBRARY = torch.library.Library("dgq", "FRAGMENT")  # "dgq" itself is defined by ops/linear.py
@@ -36,3 +39,25 @@ _LIBRARY.impl("hadamard_rows", reference, "CPU")
 _LIBRARY.impl("hadamard_rows", _cuda, "CUDA")
 torch.library.register_fake("dgq::hadamard_rows", lambda x, signs, block: torch.empty_like(x), lib=_LIBRARY)
 hadamard_rows = torch.ops.dgq.hadamard_rows.default
+
+
+def _rotated_reference(x, signs, block, qweight, scales_s2, qzeros, scales_s1, group, input_scale=None, w_s8=None):
+    return linear(hadamard_rows(x, signs, block), qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8)
+
+
+def _first_rotated_call(*args):
+    """dgq::rotated_linear's CUDA kernel until the C++ one is loaded (ops/linear.py's load_native)."""
+    return rotated_linear(*args) if load_native() else _rotated_reference(*args)
+
+
+_LIBRARY.define("rotated_linear(Tensor x, Tensor signs, int block, Tensor qweight, Tensor scales_s2, Tensor qzeros, "
+                "Tensor scales_s1, int group, Tensor? input_scale=None, Tensor? w_s8=None) -> Tensor")
+_LIBRARY.define("rotated_linear_python(Tensor x, Tensor signs, int block, Tensor qweight, Tensor scales_s2, "
+                "Tensor qzeros, Tensor scales_s1, int group, Tensor? input_scale=None, Tensor? w_s8=None) -> Tensor")
+_LIBRARY.impl("rotated_linear", _rotated_reference, "CPU")
+_LIBRARY.impl("rotated_linear", _first_rotated_call, "CUDA")
+_LIBRARY.impl("rotated_linear_python", _rotated_reference, "CUDA")
+for _name in ("rotated_linear", "rotated_linear_python"):
+    torch.library.register_fake(f"dgq::{_name}", lambda x, signs, block, qweight, *rest: x.new_empty(x.shape[0], qweight.shape[0]),
+                                lib=_LIBRARY)
+rotated_linear = torch.ops.dgq.rotated_linear.default
