@@ -35,7 +35,11 @@ typename Gemm::Arguments gemm_arguments(const int8_t* x, const int8_t* w, const 
       {{}, {s_x, 0.f, {}}, {}},
       {static_cast<cutlass::half_t const*>(s1), cutlass::half_t(0), {}},
       {}};
-  args.hw_info.sm_count = dgq_host::current_sm_count();  // the current device's, not the first one's
+  int device = 0;  // the current device's SM count, not the first device's
+  if (cudaGetDevice(&device) == cudaSuccess && device < dgq_host::kMaxDevices) {
+    args.hw_info.device_id = device;
+    args.hw_info.sm_count = dgq_host::sm_count(device);
+  }
   return args;
 }
 

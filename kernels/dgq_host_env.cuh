@@ -25,10 +25,4 @@ inline int sm_count(int device) {
   return counts[device];
 }
 
-// The current device's multiprocessors (0 where the device cannot be told).
-inline int current_sm_count() {
-  int device = 0;
-  return cudaGetDevice(&device) == cudaSuccess && device < kMaxDevices ? sm_count(device) : 0;
-}
-
 }  // namespace dgq_host

@@ -154,7 +154,8 @@ at::Tensor rotated_linear_cuda(const at::Tensor& x, const at::Tensor& signs, int
                                int64_t group, const std::optional<at::Tensor>& input_scale,
                                const std::optional<at::Tensor>& w_s8) {
   const bool fused_block = (block == 64 || block == 128 || block == 256) && x.dim() == 2 && x.size(1) % block == 0 &&
-                           x.size(1) / block <= 64 && signs.scalar_type() == at::kFloat && signs.is_contiguous();
+                           x.size(1) / block <= 64 && signs.scalar_type() == at::kFloat && signs.is_contiguous() &&
+                           signs.dim() == 1 && signs.numel() == x.size(1) && signs.device() == x.device();
   const Plan plan = fused_block ? plan_if_native(x, qweight, group, input_scale.has_value()) : Plan{};
   if (plan.path == kPython || plan.rotating == nullptr) {
     static const auto python = c10::Dispatcher::singleton()

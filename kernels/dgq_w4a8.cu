@@ -23,13 +23,14 @@
 #define DGQ_PDL 0
 #endif
 
+#include "dgq_host_env.cuh"  // g_env: the A/B switches, read once (outside the anonymous namespace: one instance)
+
 namespace {
 
 __device__ __forceinline__ uint32_t group_constant(int s2, int zp) {
   return static_cast<uint32_t>(128 - s2 * zp) * 0x01010101u;
 }
 
-#include "dgq_host_env.cuh"  // g_env: the A/B switches, read once
 #include "dgq_word_group.cuh"  // WordGroup
 
 __device__ __forceinline__ void convert8(uint32_t word, uint32_t s2, uint32_t c, uint32_t& even, uint32_t& odd) {
@@ -559,12 +560,12 @@ int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_sc
 // Per-token int8 quantization of x Q with the online rotation Q = diag(s) blockdiag(S_t) / sqrt(t)
 // fused in (quant/rotate.py FactoredHadamard with no Paley factor), so x Q never goes to memory.
 // `signs` holds s (+-1) in float32, `sign_scale` fl32(t^-1/2) as Python's t ** -0.5 rounds it: the
-// product is exactly FactoredHadamard.apply's scaled sign. A lane owns E = t / 32 consecutive features of a t-block
-// (one load), a warp a block at a time, the block's warps R blocks each, held in registers. The
-// butterflies run in FactoredHadamard.apply's order -- strides 1, 2, ..., t / 2, each one fp32 add
-// or subtract, in registers below E and across lanes from E on -- so the rotated values, and with
-// quantize_one the codes, are bit-identical to that float32 reference. With `rotated` set it
-// writes x Q rounded once to In instead (what FactoredHadamard.apply returns) and quantizes nothing.
+// product is exactly FactoredHadamard.apply's scaled sign. A lane owns E = t / 32 consecutive
+// features of a t-block (one load), a warp a block at a time, the block's warps R blocks each, held
+// in registers. The butterflies run in FactoredHadamard.apply's order -- strides 1, 2, ..., t / 2,
+// each one fp32 add or subtract, in registers below E and across lanes from E on -- and the result
+// is rounded once to In, so the rotated values are apply()'s bit for bit and the codes and scales
+// those of the plain quantizer on them. With `rotated` set it writes those values and quantizes nothing.
 template <typename In, int E, int R, int W>
 __global__ void __launch_bounds__(32 * W) hadamard_quantize_rows_kernel(const In* __restrict__ x,
                                                                      const float* __restrict__ signs,
@@ -612,7 +613,10 @@ __global__ void __launch_bounds__(32 * W) hadamard_quantize_rows_kernel(const In
       }
     }
 #pragma unroll
-    for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(v[r][e]));
+    for (int e = 0; e < E; ++e) {
+      v[r][e] = to_float(from_float<In>(v[r][e]));  // x Q in x's dtype, as FactoredHadamard.apply returns it
+      amax = fmaxf(amax, fabsf(v[r][e]));
+    }
   }
   if (rotated != nullptr) {  // the same for the whole grid: no thread reaches row_scale's barrier
 #pragma unroll

@@ -410,7 +410,8 @@ def test_dgq_linear_on_gpu_equals_cpu_reference(static):
 @pytest.mark.parametrize("static", [False, True])
 def test_fused_hadamard_quantization_equals_rotating_then_quantizing(dtype, k, block, static):
     """The online rotation fused into the per-token quantizer: bit-identical codes and scales to
-    FactoredHadamard.apply in float32 followed by the torch quantizer, with outlier channels (what
+    FactoredHadamard.apply (float32, rounded to x's dtype) followed by the torch quantizer, the
+    op's reference path (dgq::rotated_linear's Python kernel), with outlier channels (what
     the rotation spreads), ragged M, blocks of 64 / 128 / 256 and 1 / 2 / 4 / 6 / 8 of them a warp,
     32-warp rows (M <= 64) and 8-warp rows (M = 300, 600)."""
     from dgqtool.kernels import runtime
@@ -424,7 +425,7 @@ def test_fused_hadamard_quantization_equals_rotating_then_quantizing(dtype, k, b
     for m in (1, 7, 300, 600):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         x[:, :3] *= 40  # massive channels
-        y = rotation.apply(x.float())
+        y = rotation.apply(x)
         want_q, want_s = quantize_per_tensor(y, scale) if static else quantize_per_token(y)
         q, s = runtime.hadamard_quantize_rows(lib, x, signs, block, scale)
         assert torch.equal(s, want_s.expand_as(s)) and torch.equal(q, want_q), (m, k, block)
@@ -434,17 +435,19 @@ def test_fused_hadamard_quantization_equals_rotating_then_quantizing(dtype, k, b
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("k,paley", [(1536, 1), (1536, 12)])
+@pytest.mark.parametrize("k,paley", [(1536, 1), (1536, 12), (11008, 1)])
 def test_online_rotated_linear_on_the_gpu_equals_the_cpu_module(dtype, k, paley):
-    """A DGQ linear with an online input rotation at decode, small-M and prefill sizes: the fused
-    rotation kernel (Sylvester blocks of 128) then the dispatched linear is bit-identical to the CPU
-    module; with a Paley factor of 12 the torch ops run it (the factor's GEMM sums in another order
-    on the GPU: within rounding)."""
+    """A DGQ linear with an online input rotation at decode, small-M and prefill sizes: with
+    Sylvester blocks (128; 11008's 43 blocks of 256) dgq::rotated_linear, the rotation fused into the
+    quantizer on the GEMV and tensor-core paths, is bit-identical to the CPU module and to its
+    Python kernel (rotate, then dgq::linear), static input scale and M = 0 included; with a Paley
+    factor of 12 the torch ops run it (the factor's GEMM sums in another order on the GPU: within
+    rounding)."""
     from dgqtool.nn.dgq_linear import DGQLinear
     from dgqtool.quant.rotate import FactoredHadamard, factored_hadamard
 
     rotation = factored_hadamard(k, seed=4)
-    if paley == 1:
+    if paley == 1 and k == 1536:
         rotation = FactoredHadamard(rotation.signs, torch.ones(1, 1, dtype=torch.float64), 128)
     assert rotation.paley.shape[0] == paley
     w = random_dual_grained(576, k, 64, torch.Generator().manual_seed(2))
@@ -458,12 +461,13 @@ def test_online_rotated_linear_on_the_gpu_equals_the_cpu_module(dtype, k, paley)
         exact = torch.equal(got, want)
         assert exact if paley == 1 else exact or ((got - want).float().norm() / want.float().norm()) < 1e-2, (batch, rows)
     if paley == 1:  # the C++ kernel's fused rotating quantizer = the Python kernel's rotate, then quantize
-        b = gpu_module._buffers
+        b, t = gpu_module._buffers, rotation.sylvester_order
         args = (b["qweight"], b["scales_s2"], b["qzeros"], b["scales_s1"], 64)
-        for rows in (1, 8, 40):
+        for rows in (0, 1, 8, 40):
             xs = x[0, :rows].cuda()
-            assert torch.equal(torch.ops.dgq.rotated_linear.default(xs, b["online_signs"], 128, *args),
-                               torch.ops.dgq.rotated_linear_python.default(xs, b["online_signs"], 128, *args)), rows
+            for scale in (None, torch.tensor([0.03], device="cuda")):
+                assert torch.equal(torch.ops.dgq.rotated_linear.default(xs, b["online_signs"], t, *args, scale),
+                                   torch.ops.dgq.rotated_linear_python.default(xs, b["online_signs"], t, *args, scale))
     # one graph through the rotated linear's op (dgq run's compiled decode)
     torch._dynamo.reset()
     x8 = x[:3, :8].cuda()

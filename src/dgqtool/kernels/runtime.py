@@ -165,7 +165,7 @@ def hadamard_quantize_rows(lib: KernelLibrary, x: torch.Tensor, signs: torch.Ten
     """(M, K) fp16/bf16 -> int8 codes (M, K) and float32 scales (M, 1) of x Q, Q the online rotation
     in Sylvester blocks of `block` (64, 128 or 256) features with signs s (+-1, float32; the kernel
     scales them by block ** -0.5 as FactoredHadamard.apply does):
-    quantize_per_token(FactoredHadamard.apply(x.float())) in one kernel."""
+    quantize_per_token(FactoredHadamard.apply(x)) in one kernel (x Q rounded to x's dtype first)."""
     x, q, scale, static = _quantizer_buffers(x, static_scale)
     lib.call(f"dgq_hadamard_quantize_rows_{_OUT_SUFFIX[x.dtype]}", x.data_ptr(), signs.data_ptr(), q.data_ptr(),
              scale.data_ptr(), None if static is None else static.data_ptr(), *x.shape, block, _stream(x.device))

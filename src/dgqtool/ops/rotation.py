@@ -45,9 +45,19 @@ def _rotated_reference(x, signs, block, qweight, scales_s2, qzeros, scales_s1, g
     return linear(hadamard_rows(x, signs, block), qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8)
 
 
+_reentered = False  # the C++ kernel did not take the key (a library loaded before this module): stay here
+
+
 def _first_rotated_call(*args):
     """dgq::rotated_linear's CUDA kernel until the C++ one is loaded (ops/linear.py's load_native)."""
-    return rotated_linear(*args) if load_native() else _rotated_reference(*args)
+    global _reentered
+    if _reentered or not load_native():
+        return _rotated_reference(*args)
+    _reentered = True
+    try:
+        return rotated_linear(*args)
+    finally:
+        _reentered = False
 
 
 _LIBRARY.define("rotated_linear(Tensor x, Tensor signs, int block, Tensor qweight, Tensor scales_s2, Tensor qzeros, "
