@@ -192,6 +192,7 @@ def test_factored_hadamard_applies_its_own_matrix(n, paley, sylvester):
         assert torch.equal(q, random_hadamard(n, seed=7))
     x = torch.randn(2, 3, n, dtype=torch.float64)
     assert torch.allclose(f.apply(x), x @ q, atol=1e-12)
+    assert f.apply(x[:, :0]).shape == (2, 0, n)  # an empty batch (a CUDA op's M = 0) stays empty
     half = x.to(torch.bfloat16)
     exact = half.double() @ q
     got = f.apply(half)

@@ -151,7 +151,7 @@ class FactoredHadamard:
         p, t = self.paley.shape[0], self.sylvester_order
         wide = torch.float64 if x.dtype == torch.float64 else torch.float32
         signs = self.signs.to(x.device, wide) * self.block**-0.5
-        v = (x.to(wide) * signs).reshape(*x.shape[:-1], -1, p, t)
+        v = (x.to(wide) * signs).reshape(*x.shape[:-1], x.shape[-1] // (p * t), p, t)  # explicit: rows may be 0
         if p > 1:
             v = self.paley.T.to(x.device, wide) @ v
         lead, h = v.shape[:-1], 1
