@@ -6,7 +6,9 @@
 // one for the output, and launches the quantizer and the GEMV / tensor-core kernel itself.
 //
 // dgq::rotated_linear (an online-rotated input, ops/rotation.py) takes the same paths with the
-// rotation fused into the quantizer (dgq_hadamard_quantize_rows), so x Q never goes to memory.
+// rotation fused into the quantizer (dgq_hadamard_quantize_rows), so x Q never goes to memory, and
+// dgq::norm_linear (ops/norm.py) with the RMSNorm before the linear fused into it
+// (dgq_rmsnorm_quantize_rows).
 //
 // The path is Python's choice (dgqtool.kernels.runtime.choose_path), asked once per (device,
 // dtype, M bucket, N, K, group, static scale) through dgq::plan, which answers with the kernel
@@ -33,6 +35,8 @@ using Quantize = int (*)(const void* x, int8_t* q, float* scale, const float* st
                          void* stream);
 using RotatingQuantize = int (*)(const void* x, const float* signs, int8_t* q, float* scale,
                                  const float* static_scale, int m, int k, int t, void* stream);
+using NormQuantize = int (*)(const void* x, const void* w, float eps, int8_t* q, float* scale,
+                             const float* static_scale, float* inv_rms, int m, int k, void* stream);
 using Gemv = int (*)(const void* qweight, const int8_t* s2, const uint8_t* zp, const void* s1, const int8_t* x,
                      const float* s_x, void* out, int n, int k, int group, int channels_per_warp, int steps,
                      void* stream);
@@ -40,13 +44,15 @@ using Mma = int (*)(const void* qweight, const int8_t* s2, const uint8_t* zp, co
                     const float* s_x, void* out, int m, int n, int k, int group, int channel_tiles, int warps,
                     void* stream);
 
-// dgq::plan's answer: [path, config 0, config 1, quantizer address, GEMM address, rotating quantizer address]
+// dgq::plan's answer: [path, config 0, config 1, quantizer address, GEMM address, rotating quantizer
+// address, norm quantizer address]
 enum Path : int64_t { kPython = 0, kGemv = 1, kMma = 2 };
 struct Plan {
   int64_t path = kPython, config0 = 0, config1 = 0;
   Quantize quantize = nullptr;
   void* gemm = nullptr;
   RotatingQuantize rotating = nullptr;
+  NormQuantize norm = nullptr;
 };
 using Key = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, bool>;
 
@@ -71,11 +77,12 @@ Plan plan_for(const at::Tensor& x, const at::Tensor& qweight, int64_t group, boo
                               .typed<std::vector<int64_t>(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
   const std::vector<int64_t> answer = ask.call(x, qweight, group, is_static);  // Python, outside the lock
   Plan plan;
-  if (answer.size() == 6 && (answer[0] == kGemv || answer[0] == kMma)) {
+  if (answer.size() == 7 && (answer[0] == kGemv || answer[0] == kMma)) {
     plan.path = answer[0], plan.config0 = answer[1], plan.config1 = answer[2];
     plan.quantize = reinterpret_cast<Quantize>(static_cast<uintptr_t>(answer[3]));
     plan.gemm = reinterpret_cast<void*>(static_cast<uintptr_t>(answer[4]));
     plan.rotating = reinterpret_cast<RotatingQuantize>(static_cast<uintptr_t>(answer[5]));
+    plan.norm = reinterpret_cast<NormQuantize>(static_cast<uintptr_t>(answer[6]));
   }
   std::lock_guard<std::mutex> lock(mutex);
   plans.emplace(key, plan);
@@ -176,9 +183,39 @@ at::Tensor rotated_linear_cuda(const at::Tensor& x, const at::Tensor& signs, int
                                });
 }
 
+// The fused norm takes 16-bit rows of at most 65536 features with a weight of their dtype
+// (runtime.norm_fusable); everything else goes to the Python kernel.
+at::Tensor norm_linear_cuda(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& qweight,
+                            const at::Tensor& scales_s2, const at::Tensor& qzeros, const at::Tensor& scales_s1,
+                            int64_t group, const std::optional<at::Tensor>& input_scale,
+                            const std::optional<at::Tensor>& w_s8) {
+  const bool fusable = x.dim() == 2 && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
+                       weight.scalar_type() == x.scalar_type() && weight.dim() == 1 && weight.numel() == x.size(1) &&
+                       weight.is_contiguous() && weight.device() == x.device() && x.size(1) <= 65536;
+  const Plan plan = fusable ? plan_if_native(x, qweight, group, input_scale.has_value()) : Plan{};
+  if (plan.path == kPython || plan.norm == nullptr) {
+    static const auto python = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("dgq::norm_linear_python", "")
+                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+                                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&)>();
+    return python.call(x, weight, eps, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8);
+  }
+  const c10::DeviceGuard device_guard(x.device());
+  const at::Tensor input = x.contiguous();
+  const float epsilon = static_cast<float>(eps);
+  return quantize_and_multiply(plan, input, qweight, scales_s2, qzeros, scales_s1, group, input_scale,
+                               [&](int8_t* codes, float* scales, const float* fixed, int m, int k, void* stream) {
+                                 return plan.norm(input.data_ptr(), weight.data_ptr(), epsilon, codes, scales, fixed,
+                                                  nullptr, m, k, stream);
+                               });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dgq, CUDA, m) {
   m.impl("linear", TORCH_FN(linear_cuda));
   m.impl("rotated_linear", TORCH_FN(rotated_linear_cuda));
+  m.impl("norm_linear", TORCH_FN(norm_linear_cuda));
 }

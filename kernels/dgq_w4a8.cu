@@ -283,20 +283,66 @@ __device__ __forceinline__ float row_scale(float amax, float* warp_max) {
   return fmaxf(amax * (1.0f / 127.f), 1e-8f);
 }
 
+// The row's sum over its kTeam threads, the same value in every thread (a xor butterfly, then the
+// warps' partial sums in warp order).
+template <int kTeam>
+__device__ __forceinline__ float row_sum(float v, float* warp_part) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if ((threadIdx.x & 31) == 0) warp_part[threadIdx.x / 32] = v;
+  __syncthreads();
+  const int first = threadIdx.x / kTeam * (kTeam / 32);
+  v = 0.f;
+#pragma unroll
+  for (int w = 0; w < kTeam / 32; ++w) v += warp_part[first + w];
+  return v;
+}
+
+// The RMSNorm in front of a quantizer (transformers' LlamaRMSNorm and its copies): in float32
+// x * rsqrt(mean(x^2) + eps), rounded to In, times the weight w (In), rounded to In.
+template <typename In>
+struct RowNorm {
+  const In* w;  // nullptr: no norm
+  float eps;
+  float* inv_rms;  // optional: each row's rsqrt(mean(x^2) + eps), the one value a reference needs to match
+};
+
+template <typename In>
+__device__ __forceinline__ float load_square_sum(const uint4& raw) {
+  const In* e = reinterpret_cast<const In*>(&raw);
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < 16 / static_cast<int>(sizeof(In)); ++j) sum += to_float(e[j]) * to_float(e[j]);
+  return sum;
+}
+
+template <typename In>
+__device__ __forceinline__ uint4 normalize_load(const uint4& raw, const uint4& weight, float inv) {
+  uint4 out;
+  const In* e = reinterpret_cast<const In*>(&raw);
+  const In* w = reinterpret_cast<const In*>(&weight);
+  In* o = reinterpret_cast<In*>(&out);
+#pragma unroll
+  for (int j = 0; j < 16 / static_cast<int>(sizeof(In)); ++j)
+    o[j] = from_float<In>(__fmul_rn(to_float(w[j]), to_float(from_float<In>(__fmul_rn(to_float(e[j]), inv)))));
+  return out;
+}
+
 // kTeam threads per row, blockDim.x / kTeam rows per block, VEC elements per 16-byte load. R > 0:
 // each thread holds its R loads of the row in registers, so the row is read from memory once and
 // all its loads are in flight together. R = 0 (rows too long for the registers, or float input in
 // the permuted order): the row is read twice, the second time mostly from L2. PERM: the output in
 // the wgmma kernel's order, rows of k_pad bytes; with R > 0 it needs 16-bit input, whose one load
-// is exactly one 8-feature unit of it.
-template <typename In, bool PERM, int R, int kTeam>
+// is exactly one 8-feature unit of it. NORM (R > 0 only): the row held in registers is first
+// replaced by its RMSNorm (RowNorm), so the normalized activation never goes to memory.
+template <typename In, bool PERM, int R, int kTeam, bool NORM = false>
 __global__ void __launch_bounds__(1024) quantize_rows_kernel(const In* __restrict__ x, int8_t* __restrict__ q,
                                                              float* __restrict__ scale,
                                                              const float* __restrict__ static_scale, int m, int k,
-                                                             int k_pad) {
+                                                             int k_pad, RowNorm<In> norm) {
   constexpr int VEC = 16 / sizeof(In);
   static_assert(R == 0 || !PERM || VEC == 8, "the register path permutes whole 8-feature loads");
   static_assert(kTeam % 32 == 0, "a row is read by whole warps");
+  static_assert(!NORM || R > 0, "the norm needs the row in registers");
   allow_dependents();
   __shared__ float warp_max[32];
   const int r_index = blockIdx.x * (blockDim.x / kTeam) + threadIdx.x / kTeam, lane = threadIdx.x % kTeam;
@@ -319,6 +365,20 @@ __global__ void __launch_bounds__(1024) quantize_rows_kernel(const In* __restric
       const int v = lane + r * kTeam;
       held[r] = v < vectors ? row[v] : make_uint4(0, 0, 0, 0);
     }
+  }
+  if constexpr (NORM) {
+    __shared__ float warp_part[32];
+    float sum = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) sum += load_square_sum<In>(held[r]);
+    const float inv = rsqrtf(__fdiv_rn(row_sum<kTeam>(sum, warp_part), static_cast<float>(k)) + norm.eps);
+    const uint4* weight = reinterpret_cast<const uint4*>(norm.w);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int v = lane + r * kTeam;
+      if (v < vectors) held[r] = normalize_load<In>(held[r], weight[v], inv);
+    }
+    if (live && lane == 0 && norm.inv_rms != nullptr) norm.inv_rms[row_id] = inv;
   }
   float s;
   if (static_scale == nullptr) {
@@ -525,8 +585,9 @@ int mma_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, const
   return 1;
 }
 
-template <typename In, bool PERM = false>
-int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k, cudaStream_t stream) {
+template <typename In, bool PERM = false, bool NORM = false>
+int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k, cudaStream_t stream,
+                  RowNorm<In> norm = {nullptr, 0.f, nullptr}) {
   constexpr int VEC = 16 / sizeof(In);
   constexpr int kMaxHeld = 8;  // 16-byte loads a thread keeps in registers
   if (k % VEC || (PERM && k % 32)) return 1;
@@ -537,21 +598,23 @@ int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_sc
     // rows, fewer blocks to schedule (M = 8192: 57 -> 42 us for K = 4096).
     const int rows_per_block = m <= 1024 ? 1 : 256 / min(team, 256);
     kernel<<<(m + rows_per_block - 1) / rows_per_block, team * rows_per_block, 0, stream>>>(
-        static_cast<const In*>(x), q, scale, static_scale, m, k, k_pad);
+        static_cast<const In*>(x), q, scale, static_scale, m, k, k_pad, norm);
     return cudaGetLastError() == cudaSuccess ? 0 : 3;
   };
   if constexpr (PERM && VEC != 8) {
+    if constexpr (NORM) return 1;  // the norm needs the register path
     return run(quantize_rows_kernel<In, PERM, 0, 256>, 256);
   } else {
     if (m <= 1024) {  // about one load per thread, a block per row: enough blocks, short rows in flight
-      if (vectors <= 256) return run(quantize_rows_kernel<In, PERM, 1, 256>, 256);
-      if (vectors <= 1024) return run(quantize_rows_kernel<In, PERM, 1, 1024>, 1024);
-      if (vectors <= 2048) return run(quantize_rows_kernel<In, PERM, 2, 1024>, 1024);
+      if (vectors <= 256) return run(quantize_rows_kernel<In, PERM, 1, 256, NORM>, 256);
+      if (vectors <= 1024) return run(quantize_rows_kernel<In, PERM, 1, 1024, NORM>, 1024);
+      if (vectors <= 2048) return run(quantize_rows_kernel<In, PERM, 2, 1024, NORM>, 1024);
     }
     // 64 threads per row holding up to 8 loads each: K <= 4096 (16-bit) in registers
-    if (vectors <= 64 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 64>, 64);
-    if (vectors <= 256 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 256>, 256);
-    if (vectors <= 1024 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 1024>, 1024);
+    if (vectors <= 64 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 64, NORM>, 64);
+    if (vectors <= 256 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 256, NORM>, 256);
+    if (vectors <= 1024 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 1024, NORM>, 1024);
+    if constexpr (NORM) return 1;
     return run(quantize_rows_kernel<In, PERM, 0, 1024>, 1024);
   }
 }
@@ -750,6 +813,22 @@ extern "C" int dgq_quantize_rows_perm_f32(const void* x, int8_t* q, float* scale
   return quantize_rows<float, true>(x, q, scale, static_scale, m, k, stream);
 }
 
+// The same quantizations of RMSNorm(x) = w * (x * rsqrt(mean(x^2) + eps)) (RowNorm's roundings),
+// so a norm's output is quantized for the linears that read it without going to memory; w is (k,)
+// in x's dtype. inv_rms (optional, m floats) receives each row's rsqrt(mean(x^2) + eps). Rows
+// longer than the register path (k > 65536) are not supported (1).
+#define DGQ_RMSNORM_QUANTIZE(NAME, IN, PERM)                                                                   \
+  extern "C" int NAME(const void* x, const void* w, float eps, int8_t* q, float* scale, const float* static_scale, \
+                      float* inv_rms, int m, int k, cudaStream_t stream) {                                      \
+    return quantize_rows<IN, PERM, true>(x, q, scale, static_scale, m, k, stream,                               \
+                                         {static_cast<const IN*>(w), eps, inv_rms});                            \
+  }
+DGQ_RMSNORM_QUANTIZE(dgq_rmsnorm_quantize_rows_f16, __half, false)
+DGQ_RMSNORM_QUANTIZE(dgq_rmsnorm_quantize_rows_bf16, __nv_bfloat16, false)
+DGQ_RMSNORM_QUANTIZE(dgq_rmsnorm_quantize_rows_perm_f16, __half, true)
+DGQ_RMSNORM_QUANTIZE(dgq_rmsnorm_quantize_rows_perm_bf16, __nv_bfloat16, true)
+#undef DGQ_RMSNORM_QUANTIZE
+
 // Natural int8 activations (m, k) -> the permuted order (m, k_pad) (tests, benchmarks).
 extern "C" int dgq_permute_s8(const int8_t* x, int8_t* y, int m, int k, cudaStream_t stream) {
   if (k % 32 || m < 1) return 1;
@@ -760,7 +839,7 @@ extern "C" int dgq_permute_s8(const int8_t* x, int8_t* y, int m, int k, cudaStre
 }
 
 // x (m, k) -> int8 codes and scales of x Q, Q the online rotation in blocks of t = 64, 128 or 256
-// features (signs: s / sqrt(t), float32); k a multiple of t, at most 64 blocks a row.
+// features (signs: s = +-1, float32; scaled by t^-1/2 here); k a multiple of t, at most 64 blocks a row.
 extern "C" int dgq_hadamard_quantize_rows_f16(const void* x, const float* signs, int8_t* q, float* scale,
                                               const float* static_scale, int m, int k, int t, cudaStream_t stream) {
   return hadamard_quantize_rows<__half>(x, signs, q, scale, static_scale, nullptr, m, k, t, stream);

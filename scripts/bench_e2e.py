@@ -119,9 +119,11 @@ def linear_bytes(model) -> int:
 
 
 def linears_of(model) -> list[dict[str, nn.Module]]:
-    """The decoder linears now in the model, per layer, by adapter name ('self_attn.q_proj', ...)."""
+    """The decoder linears and norms now in the model, per layer, by adapter name ('self_attn.q_proj',
+    'input_layernorm', ...): a variant swaps both, since DGQ's fused linears compute their norms."""
     adapter = adapter_for(model.config.model_type)
-    return [{name: layer.get_submodule(name) for name in adapter.linear_names()} for layer in decoder_layers(model, adapter)]
+    names = adapter.linear_names() + adapter.residual.norms
+    return [{name: layer.get_submodule(name) for name in names} for layer in decoder_layers(model, adapter)]
 
 
 def install(model, variant: list[dict[str, nn.Module]]) -> None:
@@ -152,6 +154,7 @@ def fp8_variant(model, bf16: list[dict[str, nn.Module]]) -> list[dict[str, nn.Mo
             for i, (name, member) in enumerate(zip(group.linears, members)):
                 modules[name] = ProjectionSlice(shared, i, start, start + member.out_features)
                 start += member.out_features
+        modules.update({name: linears[name] for name in adapter.residual.norms})  # bf16's own norms
         variant.append(modules)
     return variant
 

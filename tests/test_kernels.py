@@ -473,3 +473,66 @@ def test_online_rotated_linear_on_the_gpu_equals_the_cpu_module(dtype, k, paley)
     x8 = x[:3, :8].cuda()
     assert torch.equal(torch.compile(gpu_module, fullgraph=True, backend="aot_eager")(x8), gpu_module(x8))
 
+
+
+def _normalized(x, weight, inv_rms):
+    """RMSNorm(x) with the given per-row 1 / rms: LlamaRMSNorm's two roundings."""
+    return weight * (x.float() * inv_rms.unsqueeze(1)).to(x.dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 4096), (3, 576), (17, 4096), (100, 11008), (1000, 576), (4097, 4096),
+                                 (1025, 11008), (2, 65536)])
+@pytest.mark.parametrize("static", [False, True])
+def test_rmsnorm_quantization_equals_norming_then_quantizing(dtype, m, k, static):
+    """The RMSNorm fused into the per-token quantizer, every register launch shape (one load a
+    thread, several held, several rows a block, the longest rows it takes): with the row's 1 / rms
+    the kernel reports, codes and scales equal LlamaRMSNorm's roundings then the torch quantizer,
+    in natural and permuted order; that 1 / rms is the exact one within 16 ulp (fp32 sums of up to
+    65536 squares in another order)."""
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    x = (torch.randn(m, k, device="cuda") * torch.logspace(-2, 2, m, device="cuda").unsqueeze(1)).to(dtype)
+    x[:, :3] *= 40  # massive channels
+    if m > 2:
+        x[1] = 0  # an all-zero row: 1 / sqrt(eps), codes 0 at the scale floor
+    weight = (torch.rand(k, device="cuda") * 2).to(dtype)
+    scale = torch.tensor([0.05], device="cuda") if static else None
+    inv = torch.empty(m, device="cuda")
+    q, s = runtime.rmsnorm_quantize_rows(lib, x, weight, 1e-5, scale, inv_rms=inv)
+    y = _normalized(x, weight, inv)
+    want_q, want_s = quantize_per_tensor(y, scale) if static else quantize_per_token(y)
+    assert torch.equal(q, want_q) and torch.equal(s, want_s.expand_as(s)), (m, k)
+    exact = torch.rsqrt(x.double().pow(2).mean(-1) + 1e-5)
+    assert ((inv.double() - exact).abs() <= exact * 2e-6).all()
+    q_p, s_p = runtime.rmsnorm_quantize_rows(lib, x, weight, 1e-5, scale, permuted=True)
+    assert torch.equal(q_p, runtime.permute_s8(lib, q)) and torch.equal(s_p, s)
+    assert not torch.equal(q, runtime.quantize_rows(lib, x, scale)[0])  # the norm did act
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_norm_linear_on_every_path_equals_the_linear_of_the_norm(dtype):
+    """dgq::norm_linear (C++ kernel: GEMV and tensor-core paths; Python kernel: wgmma and expansion)
+    equals dgq::linear of the norm computed with the kernel's 1 / rms, bit for bit; a weight of
+    another dtype takes the unfused reference (the norm in torch ops)."""
+    from dgqtool import ops
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    n, k, group = 1536, 4096, 128
+    _, qweight, s2, zero, s1 = _weight(n, k, group)
+    weight = (torch.rand(k, device="cuda") * 2).to(dtype)
+    for m in (1, 8, 40, 300, 2048):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        inv = torch.empty(m, device="cuda")
+        runtime.rmsnorm_quantize_rows(lib, x, weight, 1e-6, inv_rms=inv)
+        want = ops.linear(_normalized(x, weight, inv), qweight, s2, zero, s1, group)
+        assert torch.equal(ops.norm_linear(x, weight, 1e-6, qweight, s2, zero, s1, group), want), m
+        assert torch.equal(torch.ops.dgq.norm_linear_python.default(x, weight, 1e-6, qweight, s2, zero, s1, group), want), m
+    unfused = ops.norm_linear(x, weight.float(), 1e-6, qweight, s2, zero, s1, group)
+    assert unfused.dtype == torch.float32
+    assert torch.equal(unfused, ops.linear(ops.rms_norm(x, weight.float(), 1e-6), qweight, s2, zero, s1, group))
+    assert ops.norm_linear(x[:0], weight, 1e-6, qweight, s2, zero, s1, group).shape == (0, n)

@@ -97,6 +97,53 @@ def test_compiled_model_runs_through_the_ops_and_equals_eager(packed):
     assert torch.equal(logits, eager)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_linear_is_the_linear_of_transformers_rmsnorm(dtype):
+    """ops.rms_norm is LlamaRMSNorm bit for bit; dgq::norm_linear is dgq::linear of it (CPU) and
+    passes opcheck; a weight of another dtype promotes as the norm does."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(128, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(128, generator=GEN) * 2)
+    norm = norm.to(dtype)
+    x = (torch.randn(5, 128, generator=GEN) * 3).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(ops.rms_norm(x, norm.weight, 1e-5), norm(x))
+        out = ops.norm_linear(x, norm.weight, 1e-5, *ARGS)
+        assert torch.equal(out, ops.linear(norm(x), *ARGS)) and not torch.equal(out, ops.linear(x, *ARGS))
+        assert ops.norm_linear(x, norm.weight.float(), 1e-5, *ARGS).dtype == torch.float32
+    torch.library.opcheck(torch.ops.dgq.norm_linear.default, (x, norm.weight.detach(), 1e-5, *ARGS))
+
+
+def test_fused_model_computes_its_norms_in_the_linears_and_compiles(packed):
+    """fuse_for_inference on LLaMA: each layer's two RMSNorms move into the fused q/k/v and gate/up
+    linears (dgq::norm_linear), the state_dict keeps its keys, logits equal the unfused model's bit
+    for bit (CPU), and the model compiles into one graph of 4 norm_linear and 4 linear ops."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from dgqtool.checkpoint import fuse_for_inference
+    from dgqtool.nn.fused import NormInLinears
+
+    model, _, _ = load_checkpoint(packed)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=GEN)
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        unfused = model(ids).logits
+    fused = fuse_for_inference(model)
+    assert sum(isinstance(m, NormInLinears) for m in fused.modules()) == 4
+    assert {k for k in fused.state_dict() if "norm" in k} == {k for k in keys if "norm" in k}
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        eager = fused(ids).logits
+        compiled = torch.compile(fused, fullgraph=True, backend=counter)(ids).logits
+    targets = [n.target for g in counter.graphs for n in g.graph.nodes]
+    assert counter.frame_count == 1
+    assert targets.count(torch.ops.dgq.norm_linear.default) == 4 and targets.count(torch.ops.dgq.linear.default) == 4
+    assert torch.equal(eager, unfused) and torch.equal(compiled, eager)
+
+
 @pytest.mark.slow
 def test_inductor_compiled_model_matches_eager(packed):
     model, _, _ = load_checkpoint(packed)

@@ -180,11 +180,12 @@ def static_opt_checkpoint(tiny_opt, corpus_file, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("which,fused_groups", [("checkpoint", 4), ("static_opt_checkpoint", 2)])
-def test_fused_projections_give_bit_identical_logits(request, which, fused_groups):
-    """q/k/v and gate/up as one GEMM each (LLaMA; OPT has q/k/v only, with biases and static scales)."""
+@pytest.mark.parametrize("which,fused_groups,norms", [("checkpoint", 4, 4), ("static_opt_checkpoint", 2, 0)])
+def test_fused_projections_give_bit_identical_logits(request, which, fused_groups, norms):
+    """q/k/v and gate/up as one GEMM each (LLaMA; OPT has q/k/v only, with biases and static scales),
+    LLaMA's RMSNorms computed inside them (OPT's LayerNorms stay)."""
     from dgqtool.checkpoint import fuse_for_inference
-    from dgqtool.nn.fused import ProjectionSlice
+    from dgqtool.nn.fused import NormInLinears, ProjectionSlice
 
     path = request.getfixturevalue(which)
     model, _, _ = load_checkpoint(path)
@@ -194,6 +195,7 @@ def test_fused_projections_give_bit_identical_logits(request, which, fused_group
     fused = fuse_for_inference(model)
     slices = [m for m in fused.modules() if isinstance(m, ProjectionSlice)]
     assert len({id(s.shared) for s in slices}) == fused_groups
+    assert sum(isinstance(m, NormInLinears) for m in fused.modules()) == norms
     assert sum(isinstance(m, DGQLinear) for m in fused.modules()) == linears_before - len(slices) + fused_groups
     assert torch.equal(fused(input_ids=ids).logits, expected)
     assert all(s.shared._output is None for s in slices)  # nothing held between calls

@@ -1,7 +1,8 @@
 """Call the kernel library on torch tensors (ctypes; the current torch stream, torch allocations).
 
 Dispatch of one DGQ linear on a CUDA tensor:
-  * activations -> int8 per token (or with the static scale) by one kernel;
+  * activations -> int8 per token (or with the static scale) by one kernel, the RMSNorm that
+    produced them fused in where the caller hands its weight over (ops.norm_linear);
   * M = 1: the fused GEMV streams the 4-bit codes and converts them in registers (dp4a);
   * small and mid M: the fused tensor-core kernel converts the codes in registers into mma.sync's
     A operand (no int8 weight ever reaches memory);
@@ -72,6 +73,9 @@ class KernelLibrary:
         for suffix in _OUT_SUFFIX.values():
             self._sig(f"dgq_hadamard_quantize_rows_{suffix}", [ptr] * 5 + [i32] * 3 + [ptr])
             self._sig(f"dgq_hadamard_rows_{suffix}", [ptr] * 3 + [i32] * 3 + [ptr])
+            for order in ("", "perm_"):
+                self._sig(f"dgq_rmsnorm_quantize_rows_{order}{suffix}",
+                          [ptr, ptr, ctypes.c_float] + [ptr] * 4 + [i32, i32, ptr])
         listing = path.parent / "wgmma_variants.json"
         self.wgmma_variants = [(128 * v["mt"], v["bn"], v["stages"], v["cluster"])
                                for v in json.loads(listing.read_text())] if listing.is_file() else []
@@ -157,6 +161,34 @@ def quantize_rows(lib: KernelLibrary, x: torch.Tensor, static_scale: torch.Tenso
     x, q, scale, static = _quantizer_buffers(x, static_scale)
     lib.call(f"dgq_quantize_rows_{_IN_SUFFIX[x.dtype]}", x.data_ptr(), q.data_ptr(), scale.data_ptr(),
              None if static is None else static.data_ptr(), *x.shape, _stream(x.device))
+    return q, scale
+
+
+NORM_MAX_FEATURES = 65536  # the fused norm needs the row in registers (8 loads of 16 bytes a thread)
+
+
+def norm_fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether rmsnorm_quantize_rows takes x (M, K) with this norm weight."""
+    return (x.dtype in _OUT_SUFFIX and weight.dtype == x.dtype and weight.device == x.device
+            and weight.shape == (x.shape[-1],) and x.shape[-1] % 32 == 0 and x.shape[-1] <= NORM_MAX_FEATURES)
+
+
+def rmsnorm_quantize_rows(lib: KernelLibrary, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                          static_scale: torch.Tensor | None = None, permuted: bool = False,
+                          inv_rms: torch.Tensor | None = None):
+    """(M, K) fp16/bf16 -> the codes and scales of quantize_rows (or quantize_rows_permuted) of
+    RMSNorm(x) = weight * (x * rsqrt(mean(x^2) + eps)) in one kernel, rounded as transformers'
+    LlamaRMSNorm rounds (the product to x's dtype, then times weight in x's dtype); norm_fusable(x,
+    weight) must hold. inv_rms (M,) float32, if given, receives each row's rsqrt(mean(x^2) + eps)."""
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, _padded(k) if permuted else k, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    static = None if static_scale is None else static_scale.float().contiguous()
+    lib.call(f"dgq_rmsnorm_quantize_rows_{'perm_' if permuted else ''}{_OUT_SUFFIX[x.dtype]}", x.data_ptr(),
+             weight.contiguous().data_ptr(), eps, q.data_ptr(), scale.data_ptr(),
+             None if static is None else static.data_ptr(), None if inv_rms is None else inv_rms.data_ptr(), m, k,
+             _stream(x.device))
     return q, scale
 
 
@@ -347,21 +379,23 @@ NATIVE_PATHS = {"gemv": 1, "mma": 2}
 
 def native_plan(lib: KernelLibrary, x: torch.Tensor, n: int) -> list[int]:
     """dgq::plan's answer for the C++ kernel: [path id, config, config, quantizer address, kernel
-    address, rotating quantizer address] where choose_path picks a path it runs, else [0] (it
-    calls the Python path). The rotating quantizer is dgq_hadamard_quantize_rows (rotated_linear)."""
+    address, rotating quantizer address, norm quantizer address] where choose_path picks a path it
+    runs, else [0] (it calls the Python path). The rotating quantizer is dgq_hadamard_quantize_rows
+    (rotated_linear), the norm quantizer dgq_rmsnorm_quantize_rows (norm_linear)."""
     m, k = x.shape
     path, config = choose_path(lib, m, n, k)
     if path not in NATIVE_PATHS:
         return [0]
     config = config or (GEMV_DEFAULT if path == "gemv" else MMA_DEFAULT)
     entries = (f"dgq_quantize_rows_{_IN_SUFFIX[x.dtype]}", f"dgq_{path}_{_OUT_SUFFIX[x.dtype]}",
-               f"dgq_hadamard_quantize_rows_{_OUT_SUFFIX[x.dtype]}")
+               f"dgq_hadamard_quantize_rows_{_OUT_SUFFIX[x.dtype]}", f"dgq_rmsnorm_quantize_rows_{_OUT_SUFFIX[x.dtype]}")
     return [NATIVE_PATHS[path], *config, *(ctypes.cast(getattr(lib.lib, e), ctypes.c_void_p).value for e in entries)]
 
 
 def dgq_linear(lib: KernelLibrary, x: torch.Tensor, qweight, s2, zero, s1, group: int,
-               static_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One DGQ linear without bias: x (M, K) fp16/bf16 -> (M, N) in x's dtype; group % 32 == 0."""
+               static_scale: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """One DGQ linear without bias: x (M, K) fp16/bf16 -> (M, N) in x's dtype; group % 32 == 0.
+    norm = (weight, eps): the linear of RMSNorm(x), the norm fused into the quantizer (norm_fusable)."""
     m, k = x.shape
     if m == 0:  # no launch has a grid for it
         return x.new_empty(0, qweight.shape[0])
@@ -369,9 +403,10 @@ def dgq_linear(lib: KernelLibrary, x: torch.Tensor, qweight, s2, zero, s1, group
     if path == "wgmma" and qweight.data_ptr() % 16:  # TMA needs 16-byte aligned codes: take the default path
         path, config = ("mma", MMA_DEFAULT) if m <= MMA_MAX_ROWS else ("gemm", None)
     if path == "wgmma":
-        x_p, s_x = quantize_rows_permuted(lib, x, static_scale)
+        x_p, s_x = (quantize_rows_permuted(lib, x, static_scale) if norm is None
+                    else rmsnorm_quantize_rows(lib, x, *norm, static_scale, permuted=True))
         return wgmma_permuted(lib, x_p, s_x, qweight, s2, zero, s1, group, x.dtype, config)
-    x_q, s_x = quantize_rows(lib, x, static_scale)
+    x_q, s_x = quantize_rows(lib, x, static_scale) if norm is None else rmsnorm_quantize_rows(lib, x, *norm, static_scale)
     if path == "gemv":
         return gemv(lib, x_q, s_x, qweight, s2, zero, s1, group, x.dtype, config or GEMV_DEFAULT)
     if path == "mma":

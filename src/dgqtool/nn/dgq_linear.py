@@ -106,12 +106,21 @@ class DGQLinear(_W4A8Linear):
             self._cache = self.quantized_weight().int8_weight()
         return self._cache
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _op_arguments(self, x: torch.Tensor) -> tuple:
         # off CUDA the op runs the integer reference, on the int8 weight expanded once and kept
         w_s8 = None if x.is_cuda else self.int8_weight()
         b = self._buffers  # one dict lookup, not nn.Module.__getattr__ per buffer: eager decode is host-bound
+        return b["qweight"], b["scales_s2"], b["qzeros"], b["scales_s1"], self.group, b[INPUT_SCALE], w_s8
+
+    def forward_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """forward(RMSNorm(x)), the norm (ops.rms_norm) fused into the activation quantizer."""
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        weight = (b["qweight"], b["scales_s2"], b["qzeros"], b["scales_s1"], self.group, b[INPUT_SCALE], w_s8)
+        return self._finish(ops.norm_linear(x2, norm_weight, eps, *self._op_arguments(x)), x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self._buffers
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        weight = self._op_arguments(x)
         signs = b[ONLINE_SIGNS]
         if signs is None:
             out = ops.linear(x2, *weight)

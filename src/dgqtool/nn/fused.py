@@ -5,6 +5,11 @@ into one module of the same format: the activation is quantized once and one ker
 their weights. Each member is replaced by a slice of the shared output, so the model's own forward
 code (which calls q_proj, k_proj, v_proj in turn on the same tensor) runs unchanged. The integers and
 the fp32 epilogue of every output element are the same as unfused: outputs are bit-identical.
+
+Where the group's activation is an RMSNorm's output read by nothing else (the adapter says so), the
+norm moves into the fused DGQ linear (ops.norm_linear: the norm inside the activation quantizer) and
+the norm module becomes NormInLinears, which passes its input through. On the CPU that is
+bit-identical too; on a GPU the kernel's own sum of squares may move a row's 1 / rms by an ulp.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.adapters import Adapter, decoder_layers
-from .dgq_linear import _W4A8Linear
+from ..models.adapters import Adapter, InputGroup, decoder_layers
+from .dgq_linear import DGQLinear, _W4A8Linear
 
 
 class SharedInputLinear(nn.Module):
@@ -25,11 +30,17 @@ class SharedInputLinear(nn.Module):
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
         self._pending: set[int] = set()
+        self.norm: NormInLinears | None = None  # set by defer_norm; not a submodule (the layer holds it)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is None:
+            return self.fused(x)
+        return self.fused.forward_normed(x, self.norm.weight, self.norm.eps)
 
     def output_for(self, x: torch.Tensor, member: int) -> torch.Tensor:
         """The fused output for x, computed on the first member's call and dropped after the last's."""
         if self._input is not x or member not in self._pending:
-            self._input, self._output, self._pending = x, self.fused(x), set(range(len(self.widths)))
+            self._input, self._output, self._pending = x, self.compute(x), set(range(len(self.widths)))
         self._pending.discard(member)
         out = self._output
         if not self._pending:
@@ -54,6 +65,37 @@ class ProjectionSlice(nn.Module):
 
     def extra_repr(self) -> str:
         return f"columns {self.start}:{self.stop} of a fused {type(self.shared.fused).__name__}"
+
+
+class NormInLinears(nn.Module):
+    """Stands where an RMSNorm was whose only readers are one fused DGQ linear, which now computes
+    the norm itself: its input passes through. Keeps the norm's weight (same state_dict key) and eps."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, computed by the linears that read it"
+
+
+def _deferrable_norm(layer: nn.Module, adapter: Adapter, group: InputGroup, shared: SharedInputLinear) -> nn.Module | None:
+    """The group's producer if it is a plain RMSNorm (transformers' LlamaRMSNorm formula: the
+    families with a rotatable residual and no norm offset) that nothing but this group reads."""
+    residual = adapter.residual
+    if residual is None or adapter.norm_offset or group.producer not in residual.norms or group.float_consumers:
+        return None
+    if sum(g.producer == group.producer for g in adapter.inputs) != 1 or not isinstance(shared.fused, DGQLinear):
+        return None
+    norm = layer.get_submodule(group.producer)
+    eps = getattr(norm, "variance_epsilon", None)
+    weight = getattr(norm, "weight", None)
+    if not type(norm).__name__.endswith("RMSNorm") or not isinstance(eps, float) or not isinstance(weight, nn.Parameter):
+        return None
+    return norm if weight.shape == (shared.fused.in_features,) else None
 
 
 def _fusable(members: list[nn.Module]) -> bool:
@@ -90,9 +132,9 @@ def fuse(members: list[_W4A8Linear]) -> _W4A8Linear:
     return fused
 
 
-def fuse_shared_inputs(model: nn.Module, adapter: Adapter) -> int:
-    """Fuse, in every decoder layer, each adapter input group of several quantized linears.
-    Returns the number of fused groups."""
+def fuse_shared_inputs(model: nn.Module, adapter: Adapter, norms: bool = True) -> int:
+    """Fuse, in every decoder layer, each adapter input group of several quantized linears, and
+    (norms) move the RMSNorm that feeds a fused DGQ group into it. Returns the number of fused groups."""
     count = 0
     for layer in decoder_layers(model, adapter):
         for group in adapter.fusion_groups():
@@ -104,5 +146,10 @@ def fuse_shared_inputs(model: nn.Module, adapter: Adapter) -> int:
             for i, (name, member) in enumerate(zip(group.linears, members)):
                 layer.set_submodule(name, ProjectionSlice(shared, i, start, start + member.out_features))
                 start += member.out_features
+            norm = _deferrable_norm(layer, adapter, group, shared) if norms else None
+            if norm is not None:
+                deferred = NormInLinears(norm.weight, norm.variance_epsilon)
+                layer.set_submodule(group.producer, deferred)
+                object.__setattr__(shared, "norm", deferred)  # the layer owns it: one state_dict key
             count += 1
     return count

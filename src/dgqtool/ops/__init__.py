@@ -1,8 +1,10 @@
 """DGQ's kernels as torch custom ops (torch.library), so torch.compile and CUDA graphs see one op
 per DGQ linear (`torch.ops.dgq.linear`, `torch.ops.dgq.rotated_linear` behind an online input
-rotation; `torch.ops.dgq.hadamard_rows` the rotation alone) instead of Python and ctypes."""
+rotation; `torch.ops.dgq.hadamard_rows` the rotation alone; `torch.ops.dgq.norm_linear` with the
+RMSNorm before it fused into its quantizer) instead of Python and ctypes."""
 
 from .linear import linear, linear_python, load_native
+from .norm import norm_linear, rms_norm
 from .rotation import hadamard_rows, rotated_linear
 
-__all__ = ["hadamard_rows", "linear", "linear_python", "load_native", "rotated_linear"]
+__all__ = ["hadamard_rows", "linear", "linear_python", "load_native", "norm_linear", "rms_norm", "rotated_linear"]
