@@ -260,7 +260,7 @@ def test_online_rotation_is_refused_where_the_family_has_no_entry():
     from dgqtool.models.rotation import rotate_online
 
     model = _tiny("llama")
-    with pytest.raises(DGQError, match="--online-rotation must be one of none, down; got 'all'"):
+    with pytest.raises(DGQError, match="--online-rotation must be one of none, down, down-o; got 'all'"):
         rotate_online(model, adapter_for("llama"), "all", seed=0)
     with pytest.raises(DGQError, match="rotation needs an RMSNorm model family; llama"):
         import dataclasses
@@ -311,6 +311,42 @@ def test_online_rotated_checkpoint_loads_everywhere_and_export_refuses(tiny_llam
     refused = CliRunner().invoke(app, ["export", str(out), "-o", str(tmp_path / "ct")])
     assert refused.exit_code == 2 and "rotates the input of mlp.down_proj online" in refused.output, refused.output
     assert not (tmp_path / "ct").exists()
+
+
+def test_online_rotation_of_o_proj_too_records_one_block_shape_per_linear(tiny_llama, corpus_file, tmp_path):
+    """--online-rotation down-o: o_proj's input (the heads side by side, hidden 64) is rotated
+    online as well as down_proj's (128): two block shapes (Sylvester 64 and 128), so the
+    record is per linear (format_version 3); neither input group is smoothed, verify passes,
+    load_checkpoint and from_pretrained agree bit for bit, and o_proj equals its twin fed x Q."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from dgqtool.checkpoint import load_checkpoint
+    from dgqtool.cli import app
+    from dgqtool.nn.dgq_linear import DGQLinear
+    from dgqtool.quant.rotate import factored_hadamard
+
+    out = tmp_path / "online_o"
+    common = ["--calib-data", str(corpus_file), "--nsamples", "4", "--seqlen", "64", "--group", "16", "--grid1", "4", "--grid2", "4"]
+    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "-o", str(out), *common,
+                                      "--recipe", "rotate-online-capped-gptq", "--online-rotation", "down-o"])
+    assert result.exit_code == 0, result.output
+    assert "logits vs original" in result.output and "fail" not in result.output.lower()
+    calib = json.loads((out.with_name("online_o.work") / "calibrate" / "manifest.json").read_text())
+    assert not [k for k in calib["foldable"] if "down_proj" in k or "o_proj" in k]
+    model, tokenizer, q = load_checkpoint(out)
+    assert q["format_version"] == 3
+    assert q["rotation"]["online"] == {"linears": {"mlp.down_proj": {"paley_order": 1, "sylvester_order": 128},
+                                                   "self_attn.o_proj": {"paley_order": 1, "sylvester_order": 64}}}
+    o = model.model.layers[0].self_attn.o_proj
+    plain = DGQLinear(o.in_features, o.out_features, o.group, dtype=torch.float32)
+    plain.load_quantized(o.quantized_weight(), None, None)
+    x = torch.randn(3, 64)
+    assert torch.equal(o(x), plain(factored_hadamard(64, 2).apply(x))) and not torch.equal(o(x), plain(x))
+    hf = AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu", dtype=model.dtype)
+    ids = tokenizer("the red house of the old river is open", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, model(ids).logits)
 
 
 def test_online_rotation_on_a_family_without_the_entry_is_one_error(tiny_opt, corpus_file, tmp_path):

@@ -110,14 +110,20 @@ def test_end_tokens_join_the_tokenizer_and_the_generation_config():
     assert end_tokens(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == frozenset()
 
 
-ONLINE_DAMAGE = {  # rotation.online -> the error: a bad order, a linear the model lacks, factors the tensors lack
+ONLINE_DAMAGE = {  # rotation.online (v: its format_version, else 2) -> the error: a bad order, a linear the
+    # model lacks, factors the tensors lack, a layout of the other version
     "online_order": ({"linears": ["mlp.down_proj"], "paley_order": 1, "sylvester_order": 3}, "must be a power of two"),
     "online_linear": ({"linears": ["mlp.gate"], "paley_order": 1, "sylvester_order": 64}, "names mlp.gate, which is no"),
     "online_tensors": ({"linears": ["mlp.down_proj"], "paley_order": 1, "sylvester_order": 64},
                        "tensor model.layers.0.mlp.down_proj.online_signs is missing"),
     "online_paley": ({"linears": ["mlp.down_proj"], "paley_order": 3, "sylvester_order": 64}, "paley_order 3 has no Paley"),
     "online_version": ({"linears": ["mlp.down_proj"], "paley_order": 1, "sylvester_order": 64, "v": 1},
-                       "rotation.online needs format_version 2"),
+                       "rotation.online needs format_version 2 or 3"),
+    "online_v3_layout": ({"linears": ["mlp.down_proj"], "paley_order": 1, "sylvester_order": 64, "v": 3},
+                         "at format_version 3"),
+    "online_v2_layout": ({"linears": {"mlp.down_proj": {"paley_order": 1, "sylvester_order": 64}}}, "at format_version 2"),
+    "online_v3_order": ({"linears": {"mlp.down_proj": {"paley_order": 1, "sylvester_order": 48}}, "v": 3},
+                        "mlp.down_proj's sylvester_order must be a power of two"),
     "rotation_type": ("hadamard", "rotation must be an object"),
 }
 
@@ -144,7 +150,7 @@ def test_run_rejects_bad_checkpoints(checkpoint, tmp_path, damage):
         online = ONLINE_DAMAGE[damage][0]
         q = config["quantization_config"]
         q["rotation"] = online if damage == "rotation_type" else {"kind": "none", "seed": 0, "online": online}
-        q["format_version"] = 1 if isinstance(online, dict) and online.pop("v", None) else 2
+        q["format_version"] = online.pop("v", 2) if isinstance(online, dict) else 2
         (bad / "config.json").write_text(json.dumps(config))
     if damage in ("missing_tensor", "online_linear", "online_tensors"):  # re-hashed: past the manifest check
         manifest = json.loads((bad / "dgq_manifest.json").read_text())

@@ -9,7 +9,7 @@ nibble; qzeros (out, in/group) uint8 zero points; the format's scales; optionall
 scale input_scale (1,) float32 and a bias; where the block's rotation.online names the linear, its
 online rotation online_signs (in,) float32 (+-1) and online_paley (p, p) float32: the module reads
 x Q, Q = diag(online_signs) blockdiag(online_paley kron S_t) / sqrt(p t) with S_t the Sylvester
-matrix of order t = rotation.online.sylvester_order (quant/rotate.py FactoredHadamard).
+matrix of order t = the linear's sylvester_order in rotation.online (quant/rotate.py FactoredHadamard).
 Everything else is stored as the model has it.
 """
 
@@ -30,8 +30,12 @@ from .quant.dual_grained import DualGrainedWeight, GroupWeight, QuantizedWeight,
 from .quant.rotate import paley_order_exists
 
 FORMAT_VERSION = 1
-ONLINE_FORMAT_VERSION = 2  # a checkpoint with an online rotation: readers before it refuse it, not drop it
-READABLE_VERSIONS = (FORMAT_VERSION, ONLINE_FORMAT_VERSION)
+# A checkpoint with an online rotation (readers before it refuse it, not drop it): version 2 records
+# one block shape for all its linears, version 3 one per linear (down_proj and o_proj differ).
+ONLINE_FORMAT_VERSION = 2
+PER_LINEAR_ONLINE_VERSION = 3
+READABLE_VERSIONS = (FORMAT_VERSION, ONLINE_FORMAT_VERSION, PER_LINEAR_ONLINE_VERSION)
+_ORDERS = ("paley_order", "sylvester_order")
 QUANT_METHOD = "dgq"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -181,31 +185,46 @@ def _online_problems(q: dict) -> list[str]:
     online = rotation.get("online", "none")
     if online == "none":
         return []
-    if q.get("format_version") != ONLINE_FORMAT_VERSION:
-        return [f"rotation.online needs format_version {ONLINE_FORMAT_VERSION}, got {q.get('format_version')!r}"]
-    fields_ok = (isinstance(online, dict) and isinstance(online.get("linears"), list) and online["linears"]
-                 and all(isinstance(n, str) for n in online["linears"])
-                 and all(type(online.get(k)) is int and online[k] > 0 for k in ("paley_order", "sylvester_order")))
+    version = q.get("format_version")
+    if version not in (ONLINE_FORMAT_VERSION, PER_LINEAR_ONLINE_VERSION):
+        return [f"rotation.online needs format_version {ONLINE_FORMAT_VERSION} or {PER_LINEAR_ONLINE_VERSION}, got {version!r}"]
+    linears = online.get("linears") if isinstance(online, dict) else None
+    orders_ok = lambda record: isinstance(record, dict) and all(type(record.get(k)) is int and record[k] > 0 for k in _ORDERS)
+    if version == ONLINE_FORMAT_VERSION:
+        shape = "{linears: [names], paley_order, sylvester_order}"
+        fields_ok = (isinstance(linears, list) and linears and all(isinstance(n, str) for n in linears) and orders_ok(online))
+        records = {name: online for name in linears} if fields_ok else {}
+    else:
+        shape = "{linears: {name: {paley_order, sylvester_order}}}"
+        fields_ok = isinstance(linears, dict) and linears and all(orders_ok(r) for r in linears.values())
+        records = linears if fields_ok else {}
     if not fields_ok:
-        return [f"rotation.online must be 'none' or {{linears, paley_order, sylvester_order}}, got {online!r}"]
-    p, t = online["paley_order"], online["sylvester_order"]
-    if t & (t - 1):
-        return [f"rotation.online.sylvester_order must be a power of two, got {t}"]
-    return [] if p == 1 or paley_order_exists(p) else [f"rotation.online.paley_order {p} has no Paley construction"]
+        return [f"rotation.online must be 'none' or {shape} at format_version {version}, got {online!r}"]
+    problems = []
+    for name, record in sorted(records.items()):
+        p, t = record["paley_order"], record["sylvester_order"]
+        if t & (t - 1):
+            problems.append(f"rotation.online: {name}'s sylvester_order must be a power of two, got {t}")
+        elif p != 1 and not paley_order_exists(p):
+            problems.append(f"rotation.online: {name}'s paley_order {p} has no Paley construction")
+    return problems
 
 
 def with_rotation(q: dict, kind: str, seed: int, online: dict[str, tuple[int, int]]) -> dict:
     """The config block with its rotation record: the residual rotation `kind` (folded into the
     stored weights: loaders apply nothing for it) and the online one, linear name -> (Paley order,
-    Sylvester order) as online_rotations returns it; format version 2 where there is an online one."""
+    Sylvester order) as online_rotations returns it: format version 2 where all share one block
+    shape (one record for them), 3 where they differ (one record per linear)."""
     orders = set(online.values())
-    if len(orders) > 1:
-        raise DGQError(f"online rotations of different block shapes ({sorted(orders)}) cannot be recorded")
     record: str | dict = "none"
-    if online:
+    version = {}
+    if len(orders) == 1:
         (paley, sylvester), = orders
         record = {"linears": sorted(online), "paley_order": paley, "sylvester_order": sylvester}
-    version = {"format_version": ONLINE_FORMAT_VERSION} if online else {}
+        version = {"format_version": ONLINE_FORMAT_VERSION}
+    elif orders:
+        record = {"linears": {name: dict(zip(_ORDERS, online[name])) for name in sorted(online)}}
+        version = {"format_version": PER_LINEAR_ONLINE_VERSION}
     return q | version | {"rotation": {"kind": kind, "seed": seed, "online": record}}
 
 
@@ -215,7 +234,9 @@ def online_rotations(q: dict) -> dict[str, tuple[int, int]]:
     online = q.get("rotation", {}).get("online", "none")
     if online == "none":
         return {}
-    return {name: (online["paley_order"], online["sylvester_order"]) for name in online["linears"]}
+    linears = online["linears"]
+    records = linears if isinstance(linears, dict) else {name: online for name in linears}
+    return {name: (r["paley_order"], r["sylvester_order"]) for name, r in records.items()}
 
 
 def group_of(q: dict, in_features: int, where: str) -> int:

@@ -60,9 +60,11 @@ class Recipe:
                           "where the family allows it, else none.", (CALIBRATE,), choices=("none", "hadamard", "auto"))
     online_rotation: str = _option("none", "down: rotate down_proj's input by a Hadamard matrix at run time (folded "
                                    "into its weight; the checkpoint records it and every loader applies it, "
-                                   "export refuses it). On the GPU its own kernel runs before the linear: about "
-                                   "0.6x the down linear's time at decode (H200, Llama-2-7B shape).",
-                                   (CALIBRATE,), choices=("none", "down"))
+                                   "export refuses it); down-o: o_proj's input (across heads) too. On the GPU "
+                                   "down_proj's rotation runs inside its activation quantizer: the rotated down "
+                                   "linear takes about 1.45x the plain one at decode (H200, Llama-2-7B shape); "
+                                   "a Paley-factored or over-256 block (o_proj's) runs in torch ops.",
+                                   (CALIBRATE,), choices=("none", "down", "down-o"))
     dtype: str | None = _option(None, "Float dtype the model is loaded in.", (CALIBRATE,), choices=("float32", "float16", "bfloat16"))
     device: str = _option("auto", "auto | cpu | cuda[:N].", LOADS_MODEL)
     batch_size: int = _option(4, "Calibration segments per forward.", LOADS_MODEL, low=1, high=1_000_000)

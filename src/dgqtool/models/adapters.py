@@ -74,9 +74,10 @@ class Residual:
     norms: tuple[str, ...]  # norms inside a layer; their readers are the InputGroups they produce
     writers: tuple[str, ...]  # linears inside a layer whose outputs are added to the stream
     value: tuple[str, str]  # (v, o): the per-head space between them can be rotated too
-    # linears whose input can take an online Hadamard at run time (--online-rotation): no linear
-    # producer to fold it into (down_proj reads act(gate) * up)
-    online: tuple[str, ...] = ()
+    # (role, linear) pairs whose input can take an online Hadamard at run time (--online-rotation
+    # names roles): no linear producer to fold it into (down_proj reads act(gate) * up; o_proj the
+    # heads side by side, which the offline v -> o rotation mixes only within each head)
+    online: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ _LLAMA = Adapter(
         norms=("input_layernorm", "post_attention_layernorm"),
         writers=("self_attn.o_proj", "mlp.down_proj"),
         value=("self_attn.v_proj", "self_attn.o_proj"),
-        online=("mlp.down_proj",),
+        online=(("down", "mlp.down_proj"), ("o", "self_attn.o_proj")),
     ),
 )
 

@@ -7,9 +7,10 @@ writer (o/down) Q^T W. The per-head matrix R rotates v_proj's output rows and o_
 columns of each head alike (attention mixes tokens, not channels, so R passes through it). The
 rotated float model computes the same logits; nothing is applied at run time.
 
-The online rotation (--online-rotation down) is the one exception: a linear with no linear
-producer (down_proj reads act(gate) * up) reads x Q, Q = factored_hadamard(in_features), applied to
-its input at run time; W Q is folded into its weight, so the float model is unchanged too.
+The online rotation (--online-rotation down | down-o) is the one exception: a linear with no
+linear producer (down_proj reads act(gate) * up; o_proj the heads side by side) reads x Q,
+Q = factored_hadamard(in_features), applied to its input at run time; W Q is folded into its
+weight, so the float model is unchanged too.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def rotate_model(model: nn.Module, adapter: Adapter, kind: str, seed: int, value
             rotate_head_inputs(o.weight, r)
 
 
-ONLINE_KINDS = ("none", "down")
+# --online-rotation -> the roles (adapters.Residual.online) whose linears it rotates
+ONLINE_KINDS: dict[str, tuple[str, ...]] = {"none": (), "down": ("down",), "down-o": ("down", "o")}
 
 
 def online_rotation_of(linear: nn.Module) -> FactoredHadamard | None:
@@ -125,19 +127,21 @@ def _attach_online_rotation(linear: nn.Linear, rotation: FactoredHadamard) -> No
 
 @torch.no_grad()
 def rotate_online(model: nn.Module, adapter: Adapter, kind: str, seed: int) -> None:
-    """--online-rotation: 'down' gives each of the family's online linears (Residual.online) the
-    rotation x -> x Q at run time with W Q folded into its weight, Q = factored_hadamard(in, seed + 2)
-    (seed: the residual rotation's, seed + 1: the heads'); 'none' leaves the model untouched."""
+    """--online-rotation: 'down' ('down-o') gives each of the family's online linears of those roles
+    (Residual.online: down_proj; and o_proj) the rotation x -> x Q at run time with W Q folded into
+    its weight, Q = factored_hadamard(in, seed + 2) (seed: the residual rotation's, seed + 1: the
+    heads'); 'none' leaves the model untouched."""
     if kind not in ONLINE_KINDS:
         raise DGQError(f"--online-rotation must be one of {', '.join(ONLINE_KINDS)}; got '{kind}'")
     if kind == "none":
         return
     residual = _residual(model, adapter)
-    if not residual.online:
-        raise DGQError(f"--online-rotation: the {model.config.model_type} adapter names no linear to rotate online")
+    names = [name for role, name in residual.online if role in ONLINE_KINDS[kind]]
+    if not names:
+        raise DGQError(f"--online-rotation {kind}: the {model.config.model_type} adapter names no linear to rotate online")
     rotations: dict[int, FactoredHadamard] = {}
     for layer in decoder_layers(model, adapter):
-        for name in residual.online:
+        for name in names:
             linear = layer.get_submodule(name)
             rotation = rotations.setdefault(linear.in_features, factored_hadamard(linear.in_features, seed + 2))
             linear.weight.copy_(rotation.apply(linear.weight.double()).to(linear.weight.dtype))  # W Q, row by row
