@@ -183,15 +183,16 @@ at::Tensor rotated_linear_cuda(const at::Tensor& x, const at::Tensor& signs, int
                                });
 }
 
-// The fused norm takes 16-bit rows of at most 65536 features with a weight of their dtype
-// (runtime.norm_fusable); everything else goes to the Python kernel.
+// The fused norm takes 16-bit rows of at most 65536 features with a 16-byte aligned weight of their
+// dtype (runtime.norm_fusable); everything else goes to the Python kernel.
 at::Tensor norm_linear_cuda(const at::Tensor& x, const at::Tensor& weight, double eps, const at::Tensor& qweight,
                             const at::Tensor& scales_s2, const at::Tensor& qzeros, const at::Tensor& scales_s1,
                             int64_t group, const std::optional<at::Tensor>& input_scale,
                             const std::optional<at::Tensor>& w_s8) {
   const bool fusable = x.dim() == 2 && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
                        weight.scalar_type() == x.scalar_type() && weight.dim() == 1 && weight.numel() == x.size(1) &&
-                       weight.is_contiguous() && weight.device() == x.device() && x.size(1) <= 65536;
+                       weight.is_contiguous() && reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0 &&
+                       weight.device() == x.device() && x.size(1) <= 65536;
   const Plan plan = fusable ? plan_if_native(x, qweight, group, input_scale.has_value()) : Plan{};
   if (plan.path == kPython || plan.norm == nullptr) {
     static const auto python = c10::Dispatcher::singleton()

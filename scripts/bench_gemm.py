@@ -44,9 +44,9 @@ GROUP = 128
 COPIES = 6
 MMA_ROWS = 1024  # the tensor-core kernel is timed up to here
 WGMMA_MIN_ROWS = 16  # the fused wgmma kernel is timed from here
-SPLITS = (1, 2, 3, 4, 6, 8)
 NORMED = ("qkv", "gate_up")  # the shapes whose input is an RMSNorm's output
-EPS = 1e-5  # split-K candidates where a shape has fewer blocks than SMs
+EPS = 1e-5
+SPLITS = (1, 2, 3, 4, 6, 8)  # split-K candidates where a shape has fewer blocks than SMs
 
 
 def bench(fn, iters: int = 20, calls: int = 12) -> float:
@@ -227,7 +227,7 @@ def measure_shape(lib, shape: str, n: int, k: int, rows: list[int], bandwidth: f
             row["norm_dgq_us"] = bench(lambda: runtime.dgq_linear(lib, x, *dgq_w.next(), GROUP, norm=(norm_w, EPS)))
             row["rmsnorm_us"] = bench(lambda: compiled_norm(x, norm_w, EPS))
             row["in_norm_us"] = row["norm_dgq_us"] - row["rmsnorm_us"]
-            row["fp8_over_in_norm"] = row["fp8_us"] / row["in_norm_us"]
+            row["fp8_over_in_norm"] = row["fp8_us"] / row["in_norm_us"] if row["in_norm_us"] > 0 else float("nan")
         for base in ("int8", "bf16", "fp8", "a16w4"):
             if f"{base}_us" in row:
                 row[f"{base}_over_dgq"] = row[f"{base}_us"] / row["dgq_us"]

@@ -525,13 +525,25 @@ def test_norm_linear_on_every_path_equals_the_linear_of_the_norm(dtype):
     n, k, group = 1536, 4096, 128
     _, qweight, s2, zero, s1 = _weight(n, k, group)
     weight = (torch.rand(k, device="cuda") * 2).to(dtype)
-    for m in (1, 8, 40, 300, 2048):
-        x = torch.randn(m, k, device="cuda", dtype=dtype)
-        inv = torch.empty(m, device="cuda")
-        runtime.rmsnorm_quantize_rows(lib, x, weight, 1e-6, inv_rms=inv)
-        want = ops.linear(_normalized(x, weight, inv), qweight, s2, zero, s1, group)
-        assert torch.equal(ops.norm_linear(x, weight, 1e-6, qweight, s2, zero, s1, group), want), m
-        assert torch.equal(torch.ops.dgq.norm_linear_python.default(x, weight, 1e-6, qweight, s2, zero, s1, group), want), m
+    wgmma_key = f"{runtime._bucket(300)},{n},{k}"
+    saved, taken = dict(lib.paths), set()
+    try:
+        for m, path in ((1, None), (8, None), (40, None), (300, "wgmma"), (2048, None)):
+            if path and lib.wgmma_variants:  # this untuned shape takes the expansion path at 300 rows
+                lib.paths[wgmma_key] = [path, list(runtime.wgmma_default(m, n, k))]
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            taken.add(runtime.choose_path(lib, m, n, k)[0])
+            if m <= 8:  # the C++ kernel runs these itself, through the fused norm quantizer
+                assert runtime.native_plan(lib, x, n)[-1] != 0
+            inv = torch.empty(m, device="cuda")
+            runtime.rmsnorm_quantize_rows(lib, x, weight, 1e-6, inv_rms=inv)
+            want = ops.linear(_normalized(x, weight, inv), qweight, s2, zero, s1, group)
+            assert torch.equal(ops.norm_linear(x, weight, 1e-6, qweight, s2, zero, s1, group), want), m
+            assert torch.equal(torch.ops.dgq.norm_linear_python.default(x, weight, 1e-6, qweight, s2, zero, s1, group), want), m
+    finally:
+        lib.paths.clear()
+        lib.paths.update(saved)
+    assert taken >= {"gemv", "mma", "gemm"} and ("wgmma" in taken) == bool(lib.wgmma_variants), taken
     unfused = ops.norm_linear(x, weight.float(), 1e-6, qweight, s2, zero, s1, group)
     assert unfused.dtype == torch.float32
     assert torch.equal(unfused, ops.linear(ops.rms_norm(x, weight.float(), 1e-6), qweight, s2, zero, s1, group))

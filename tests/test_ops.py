@@ -116,6 +116,21 @@ def test_norm_linear_is_the_linear_of_transformers_rmsnorm(dtype):
     torch.library.opcheck(torch.ops.dgq.norm_linear.default, (x, norm.weight.detach(), 1e-5, *ARGS))
 
 
+def test_only_norms_computing_llamas_formula_move_into_the_linears():
+    """The copies of LlamaRMSNorm (Mistral, Qwen2, Qwen3) qualify; Gemma's (1 + w) and Olmo2's single
+    rounding (weight times the float32 product, then the cast) do not."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from dgqtool.nn.fused import _computes_llama_rmsnorm
+
+    assert [_computes_llama_rmsnorm(c(8)) for c in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, GemmaRMSNorm, Olmo2RMSNorm)] \
+        == [True, True, True, False, False]
+
+
 def test_fused_model_computes_its_norms_in_the_linears_and_compiles(packed):
     """fuse_for_inference on LLaMA: each layer's two RMSNorms move into the fused q/k/v and gate/up
     linears (dgq::norm_linear), the state_dict keeps its keys, logits equal the unfused model's bit
@@ -225,7 +240,7 @@ import torch
 from dgqtool.ops import load_native
 native = load_native()
 print(native, *("dgq_torch_ops.cpp" in torch._C._dispatch_dump(op).split("CUDA:")[1].splitlines()[0]
-                for op in ("dgq::linear", "dgq::rotated_linear")))
+                for op in ("dgq::linear", "dgq::rotated_linear", "dgq::norm_linear")))
 """
 
 
@@ -233,12 +248,13 @@ print(native, *("dgq_torch_ops.cpp" in torch._C._dispatch_dump(op).split("CUDA:"
 @pytest.mark.parametrize("disabled", [False, True])
 def test_cpp_kernel_builds_and_replaces_the_python_cuda_kernel(disabled):
     """The C++ torch extension builds against the running torch (CPU-only torch included; cached
-    with the kernel library) and, loaded, is dgq::linear's and dgq::rotated_linear's active CUDA kernel; DGQ_NATIVE_OPS=0
+    with the kernel library) and, loaded, is dgq::linear's, dgq::rotated_linear's and dgq::norm_linear's
+    active CUDA kernel; DGQ_NATIVE_OPS=0
     keeps the Python one. In a fresh process: loading it changes the op for the whole process."""
     env = {**os.environ, "DGQ_NATIVE_OPS": "0" if disabled else "1"}
     done = subprocess.run([sys.executable, "-c", NATIVE_CHECK], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == (["False", "False", "False"] if disabled else ["True", "True", "True"])
+    assert done.stdout.split() == [str(not disabled)] * 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -256,6 +256,18 @@ def test_online_rotation_leaves_the_logits(family):
     assert online_rotation_of(model.model.layers[1].mlp.up_proj) is None
 
 
+def test_the_online_rotation_option_offers_exactly_the_kinds_rotate_online_knows():
+    from dataclasses import fields
+
+    from dgqtool.models.rotation import ONLINE_KINDS
+    from dgqtool.recipe import Recipe
+
+    choices = next(f.metadata["choices"] for f in fields(Recipe) if f.name == "online_rotation")
+    assert choices == tuple(ONLINE_KINDS)
+    llama_roles = {role for role, _ in adapter_for("llama").residual.online}
+    assert all(set(roles) <= llama_roles for roles in ONLINE_KINDS.values())
+
+
 def test_online_rotation_is_refused_where_the_family_has_no_entry():
     from dgqtool.models.rotation import rotate_online
 

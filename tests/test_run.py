@@ -164,6 +164,24 @@ def test_run_rejects_bad_checkpoints(checkpoint, tmp_path, damage):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_norms_on_the_gpu_stay_within_rounding_of_the_unfused_model(checkpoint):
+    """On the kernel path the norms computed inside the fused linears (their own 1 / rms, a few ulp
+    from torch's) move fp16 logits by rounding only."""
+    from dgqtool.checkpoint import fuse_for_inference
+    from dgqtool.nn.fused import NormInLinears
+
+    model, _, _ = load_checkpoint(checkpoint, "cuda")
+    model.half()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        unfused = model(input_ids=ids).logits.float()
+        fused = fuse_for_inference(model)
+        got = fused(input_ids=ids).logits.float()
+    assert sum(isinstance(m, NormInLinears) for m in fused.modules()) == 4
+    assert (got - unfused).norm() <= 5e-2 * unfused.norm()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decoding_matches_generate_on_the_kernel_path(checkpoint):
     """Greedy tokens from the captured-graph decoder (fused kernels, static cache) equal generate()."""
     from dgqtool.run import graph_decode

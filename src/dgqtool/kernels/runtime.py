@@ -168,9 +168,10 @@ NORM_MAX_FEATURES = 65536  # the fused norm needs the row in registers (8 loads 
 
 
 def norm_fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether rmsnorm_quantize_rows takes x (M, K) with this norm weight."""
+    """Whether rmsnorm_quantize_rows takes x (M, K) with this norm weight (read in 16-byte loads)."""
     return (x.dtype in _OUT_SUFFIX and weight.dtype == x.dtype and weight.device == x.device
-            and weight.shape == (x.shape[-1],) and x.shape[-1] % 32 == 0 and x.shape[-1] <= NORM_MAX_FEATURES)
+            and weight.shape == (x.shape[-1],) and weight.is_contiguous() and weight.data_ptr() % 16 == 0
+            and x.shape[-1] % 32 == 0 and x.shape[-1] <= NORM_MAX_FEATURES)
 
 
 def rmsnorm_quantize_rows(lib: KernelLibrary, x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -186,7 +187,7 @@ def rmsnorm_quantize_rows(lib: KernelLibrary, x: torch.Tensor, weight: torch.Ten
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     static = None if static_scale is None else static_scale.float().contiguous()
     lib.call(f"dgq_rmsnorm_quantize_rows_{'perm_' if permuted else ''}{_OUT_SUFFIX[x.dtype]}", x.data_ptr(),
-             weight.contiguous().data_ptr(), eps, q.data_ptr(), scale.data_ptr(),
+             weight.data_ptr(), eps, q.data_ptr(), scale.data_ptr(),
              None if static is None else static.data_ptr(), None if inv_rms is None else inv_rms.data_ptr(), m, k,
              _stream(x.device))
     return q, scale

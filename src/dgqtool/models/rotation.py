@@ -143,6 +143,8 @@ def rotate_online(model: nn.Module, adapter: Adapter, kind: str, seed: int) -> N
     for layer in decoder_layers(model, adapter):
         for name in names:
             linear = layer.get_submodule(name)
-            rotation = rotations.setdefault(linear.in_features, factored_hadamard(linear.in_features, seed + 2))
+            if linear.in_features not in rotations:
+                rotations[linear.in_features] = factored_hadamard(linear.in_features, seed + 2)
+            rotation = rotations[linear.in_features]
             linear.weight.copy_(rotation.apply(linear.weight.double()).to(linear.weight.dtype))  # W Q, row by row
             _attach_online_rotation(linear, rotation)

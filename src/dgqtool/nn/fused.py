@@ -9,7 +9,7 @@ the fp32 epilogue of every output element are the same as unfused: outputs are b
 Where the group's activation is an RMSNorm's output read by nothing else (the adapter says so), the
 norm moves into the fused DGQ linear (ops.norm_linear: the norm inside the activation quantizer) and
 the norm module becomes NormInLinears, which passes its input through. On the CPU that is
-bit-identical too; on a GPU the kernel's own sum of squares may move a row's 1 / rms by an ulp.
+bit-identical too; on a GPU the kernel's own sum of squares may move a row's 1 / rms by a few ulp.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class SharedInputLinear(nn.Module):
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
         self._pending: set[int] = set()
-        self.norm: NormInLinears | None = None  # set by defer_norm; not a submodule (the layer holds it)
+        self.norm: NormInLinears | None = None  # set by fuse_shared_inputs; not a submodule (the layer holds it)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is None:
@@ -82,9 +82,19 @@ class NormInLinears(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}, computed by the linears that read it"
 
 
+def _computes_llama_rmsnorm(norm: nn.Module) -> bool:
+    """Whether the module's forward is transformers' LlamaRMSNorm.forward, op for op (Mistral's and
+    Qwen's are copies of it): what ops.rms_norm and the fused kernel compute. A norm of another
+    rounding (one cast after the weight) or one whose forward a kernel hub replaced is not."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    code, llama = getattr(type(norm).forward, "__code__", None), LlamaRMSNorm.forward.__code__
+    return code is not None and (code.co_code, code.co_consts, code.co_names) == (llama.co_code, llama.co_consts, llama.co_names)
+
+
 def _deferrable_norm(layer: nn.Module, adapter: Adapter, group: InputGroup, shared: SharedInputLinear) -> nn.Module | None:
-    """The group's producer if it is a plain RMSNorm (transformers' LlamaRMSNorm formula: the
-    families with a rotatable residual and no norm offset) that nothing but this group reads."""
+    """The group's producer if it is an RMSNorm computing LlamaRMSNorm's formula (families with a
+    rotatable residual and no norm offset) that nothing but this group reads."""
     residual = adapter.residual
     if residual is None or adapter.norm_offset or group.producer not in residual.norms or group.float_consumers:
         return None
@@ -93,7 +103,7 @@ def _deferrable_norm(layer: nn.Module, adapter: Adapter, group: InputGroup, shar
     norm = layer.get_submodule(group.producer)
     eps = getattr(norm, "variance_epsilon", None)
     weight = getattr(norm, "weight", None)
-    if not type(norm).__name__.endswith("RMSNorm") or not isinstance(eps, float) or not isinstance(weight, nn.Parameter):
+    if not _computes_llama_rmsnorm(norm) or not isinstance(eps, float) or not isinstance(weight, nn.Parameter):
         return None
     return norm if weight.shape == (shared.fused.in_features,) else None
 

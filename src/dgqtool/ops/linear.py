@@ -67,24 +67,38 @@ def _plan(x, qweight, group, is_static):
     return [0] if lib is None else runtime.native_plan(lib, x, qweight.shape[0])
 
 
-def _first_cuda_call(*args):
-    """dgq::linear's CUDA kernel until the C++ one is loaded, which this call attempts once; where it
-    cannot be, this stays the kernel (one Python frame more than `_cuda`)."""
-    return linear(*args) if load_native() else _cuda(*args)
+def define_kernel_op(lib: torch.library.Library, name: str, arguments: str, reference, python_kernel, fake):
+    """Define dgq::<name> and its twin dgq::<name>_python: CPU kernel `reference`; CUDA kernel, until
+    the C++ kernels are loaded (which its first call attempts, once per process; they then take the
+    op's CUDA key), `python_kernel`, which also stays where they cannot be loaded or do not cover
+    the op, and is the twin's CUDA kernel (A/B timing, tests); shapes from `fake`. Returns both ops."""
+    twin = f"{name}_python"
+    lib.define(name + arguments)
+    lib.define(twin + arguments)
+    reentered = False
+
+    def first_cuda_call(*args):
+        nonlocal reentered
+        if reentered or not load_native():
+            return python_kernel(*args)
+        reentered = True  # loaded: the op dispatches to the C++ kernel, unless it did not take the key
+        try:
+            return getattr(torch.ops.dgq, name).default(*args)
+        finally:
+            reentered = False
+
+    lib.impl(name, reference, "CPU")
+    lib.impl(name, first_cuda_call, "CUDA")
+    lib.impl(twin, python_kernel, "CUDA")
+    for op in (name, twin):
+        torch.library.register_fake(f"dgq::{op}", fake, lib=lib)
+    return getattr(torch.ops.dgq, name).default, getattr(torch.ops.dgq, twin).default
 
 
 _LIBRARY = torch.library.Library("dgq", "DEF")  # kept: the registrations live as long as this object
-_LIBRARY.define("linear" + ARGUMENTS)
-_LIBRARY.define("linear_python" + ARGUMENTS)
 _LIBRARY.define("plan(Tensor x, Tensor qweight, int group, bool is_static) -> int[]")
-_LIBRARY.impl("linear", reference, "CPU")
-_LIBRARY.impl("linear", _first_cuda_call, "CUDA")
-_LIBRARY.impl("linear_python", _cuda, "CUDA")
 _LIBRARY.impl("plan", _plan, "CUDA")
-for _name in ("linear", "linear_python"):
-    torch.library.register_fake(f"dgq::{_name}", _fake, lib=_LIBRARY)
-linear = torch.ops.dgq.linear.default
-linear_python = torch.ops.dgq.linear_python.default  # the Python CUDA kernel (A/B timing, tests)
+linear, linear_python = define_kernel_op(_LIBRARY, "linear", ARGUMENTS, reference, _cuda, _fake)
 _native: bool | None = None
 
 

@@ -4,7 +4,7 @@ The activation quantizer already reads the whole row; with the norm fused into i
 activation is never written to memory nor read back (on a GPU: one kernel instead of the norm's
 and the quantizer's). The default implementation is `rms_norm` (transformers' LlamaRMSNorm, op for
 op: bit-identical to it on the CPU) then dgq::linear. On CUDA the kernel computes the same
-roundings with its own sum of squares, whose order may move rsqrt(mean(x^2) + eps) by an ulp
+roundings with its own sum of squares, whose order may move rsqrt(mean(x^2) + eps) by a few ulp
 (runtime.rmsnorm_quantize_rows reports the value it used, which the tests check exactly). The C++
 kernel (kernels/dgq_torch_ops.cpp) takes the GEMV and tensor-core paths; its Python kernel below
 the rest.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import runtime
-from .linear import _kernel_library, linear, load_native
+from .linear import _kernel_library, define_kernel_op, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,34 +36,11 @@ def _cuda(x, weight, eps, qweight, scales_s2, qzeros, scales_s1, group, input_sc
     return runtime.dgq_linear(lib, x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, norm=(weight, eps))
 
 
-_reentered = False  # the C++ kernel did not take the key (a library loaded before this module): stay here
-
-
-def _first_cuda_call(*args):
-    """dgq::norm_linear's CUDA kernel until the C++ one is loaded (ops/linear.py's load_native)."""
-    global _reentered
-    if _reentered or not load_native():
-        return _cuda(*args)
-    _reentered = True
-    try:
-        return norm_linear(*args)
-    finally:
-        _reentered = False
-
-
 def _fake(x, weight, eps, qweight, *rest):
     return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
-_ARGUMENTS = ("(Tensor x, Tensor weight, float eps, Tensor qweight, Tensor scales_s2, Tensor qzeros, "
-              "Tensor scales_s1, int group, Tensor? input_scale=None, Tensor? w_s8=None) -> Tensor")
 _LIBRARY = torch.library.Library("dgq", "FRAGMENT")  # "dgq" itself is defined by ops/linear.py
-_LIBRARY.define("norm_linear" + _ARGUMENTS)
-_LIBRARY.define("norm_linear_python" + _ARGUMENTS)
-_LIBRARY.impl("norm_linear", _reference, "CPU")
-_LIBRARY.impl("norm_linear", _first_cuda_call, "CUDA")
-_LIBRARY.impl("norm_linear_python", _cuda, "CUDA")
-for _name in ("norm_linear", "norm_linear_python"):
-    torch.library.register_fake(f"dgq::{_name}", _fake, lib=_LIBRARY)
-norm_linear = torch.ops.dgq.norm_linear.default
-norm_linear_python = torch.ops.dgq.norm_linear_python.default  # the Python CUDA kernel (A/B timing, tests)
+norm_linear, norm_linear_python = define_kernel_op(
+    _LIBRARY, "norm_linear", "(Tensor x, Tensor weight, float eps, Tensor qweight, Tensor scales_s2, Tensor qzeros, "
+    "Tensor scales_s1, int group, Tensor? input_scale=None, Tensor? w_s8=None) -> Tensor", _reference, _cuda, _fake)

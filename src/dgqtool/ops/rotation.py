@@ -17,7 +17,7 @@ import torch
 
 from ..kernels import runtime
 from ..quant.rotate import FactoredHadamard
-from .linear import linear, load_native
+from .linear import define_kernel_op, linear
 
 MAX_FUSED_BLOCKS = 64  # what one launch of the fused kernel covers at every M (8 warps x 8 blocks)
 
@@ -45,29 +45,11 @@ def _rotated_reference(x, signs, block, qweight, scales_s2, qzeros, scales_s1, g
     return linear(hadamard_rows(x, signs, block), qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8)
 
 
-_reentered = False  # the C++ kernel did not take the key (a library loaded before this module): stay here
+def _rotated_fake(x, signs, block, qweight, *rest):
+    return x.new_empty(x.shape[0], qweight.shape[0])
 
 
-def _first_rotated_call(*args):
-    """dgq::rotated_linear's CUDA kernel until the C++ one is loaded (ops/linear.py's load_native)."""
-    global _reentered
-    if _reentered or not load_native():
-        return _rotated_reference(*args)
-    _reentered = True
-    try:
-        return rotated_linear(*args)
-    finally:
-        _reentered = False
-
-
-_LIBRARY.define("rotated_linear(Tensor x, Tensor signs, int block, Tensor qweight, Tensor scales_s2, Tensor qzeros, "
-                "Tensor scales_s1, int group, Tensor? input_scale=None, Tensor? w_s8=None) -> Tensor")
-_LIBRARY.define("rotated_linear_python(Tensor x, Tensor signs, int block, Tensor qweight, Tensor scales_s2, "
-                "Tensor qzeros, Tensor scales_s1, int group, Tensor? input_scale=None, Tensor? w_s8=None) -> Tensor")
-_LIBRARY.impl("rotated_linear", _rotated_reference, "CPU")
-_LIBRARY.impl("rotated_linear", _first_rotated_call, "CUDA")
-_LIBRARY.impl("rotated_linear_python", _rotated_reference, "CUDA")
-for _name in ("rotated_linear", "rotated_linear_python"):
-    torch.library.register_fake(f"dgq::{_name}", lambda x, signs, block, qweight, *rest: x.new_empty(x.shape[0], qweight.shape[0]),
-                                lib=_LIBRARY)
-rotated_linear = torch.ops.dgq.rotated_linear.default
+rotated_linear, _ = define_kernel_op(
+    _LIBRARY, "rotated_linear", "(Tensor x, Tensor signs, int block, Tensor qweight, Tensor scales_s2, Tensor qzeros, "
+    "Tensor scales_s1, int group, Tensor? input_scale=None, Tensor? w_s8=None) -> Tensor",
+    _rotated_reference, _rotated_reference, _rotated_fake)
