@@ -147,11 +147,11 @@ def _stream(device: torch.device) -> int:
     return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _quantizer_buffers(x: torch.Tensor, static_scale: torch.Tensor | None):
-    """x made contiguous, the int8 codes (M, K) and float32 scales (M, 1) a quantizer kernel fills,
-    and the static scale as float32 (or None)."""
+def _quantizer_buffers(x: torch.Tensor, static_scale: torch.Tensor | None, permuted: bool = False):
+    """x made contiguous, the int8 codes (M, K; permuted: the wgmma order, K padded to 128) and
+    float32 scales (M, 1) a quantizer kernel fills, and the static scale as float32 (or None)."""
     x = x.contiguous()
-    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    q = torch.empty(x.shape[0], _padded(x.shape[1]) if permuted else x.shape[1], dtype=torch.int8, device=x.device)
     scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     return x, q, scale, None if static_scale is None else static_scale.float().contiguous()
 
@@ -181,14 +181,10 @@ def rmsnorm_quantize_rows(lib: KernelLibrary, x: torch.Tensor, weight: torch.Ten
     RMSNorm(x) = weight * (x * rsqrt(mean(x^2) + eps)) in one kernel, rounded as transformers'
     LlamaRMSNorm rounds (the product to x's dtype, then times weight in x's dtype); norm_fusable(x,
     weight) must hold. inv_rms (M,) float32, if given, receives each row's rsqrt(mean(x^2) + eps)."""
-    x = x.contiguous()
-    m, k = x.shape
-    q = torch.empty(m, _padded(k) if permuted else k, dtype=torch.int8, device=x.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    static = None if static_scale is None else static_scale.float().contiguous()
+    x, q, scale, static = _quantizer_buffers(x, static_scale, permuted)
     lib.call(f"dgq_rmsnorm_quantize_rows_{'perm_' if permuted else ''}{_OUT_SUFFIX[x.dtype]}", x.data_ptr(),
              weight.data_ptr(), eps, q.data_ptr(), scale.data_ptr(),
-             None if static is None else static.data_ptr(), None if inv_rms is None else inv_rms.data_ptr(), m, k,
+             None if static is None else static.data_ptr(), None if inv_rms is None else inv_rms.data_ptr(), *x.shape,
              _stream(x.device))
     return q, scale
 
@@ -258,13 +254,9 @@ def int8_gemm(lib: KernelLibrary, x_q, s_x, w_s8, s1, out_dtype, variant: str | 
 
 def quantize_rows_permuted(lib: KernelLibrary, x: torch.Tensor, static_scale: torch.Tensor | None = None):
     """As quantize_rows, but the codes in the fused wgmma kernel's order: (M, K padded to 128) int8."""
-    x = x.contiguous()
-    m, k = x.shape
-    q = torch.empty(m, _padded(k), dtype=torch.int8, device=x.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    static = None if static_scale is None else static_scale.float().contiguous()
+    x, q, scale, static = _quantizer_buffers(x, static_scale, permuted=True)
     lib.call(f"dgq_quantize_rows_perm_{_IN_SUFFIX[x.dtype]}", x.data_ptr(), q.data_ptr(), scale.data_ptr(),
-             None if static is None else static.data_ptr(), m, k, _stream(x.device))
+             None if static is None else static.data_ptr(), *x.shape, _stream(x.device))
     return q, scale
 
 
