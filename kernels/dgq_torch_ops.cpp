@@ -8,7 +8,8 @@
 // dgq::rotated_linear (an online-rotated input, ops/rotation.py) takes the same paths with the
 // rotation fused into the quantizer (dgq_hadamard_quantize_rows), so x Q never goes to memory, and
 // dgq::norm_linear (ops/norm.py) with the RMSNorm before the linear fused into it
-// (dgq_rmsnorm_quantize_rows).
+// (dgq_rmsnorm_quantize_rows), and dgq::silu_mul_linear (ops/silu_mul.py) with the gated MLP's
+// silu(gate) * up (dgq_silu_mul_quantize_rows).
 //
 // The path is Python's choice (dgqtool.kernels.runtime.choose_path), asked once per (device,
 // dtype, M bucket, N, K, group, static scale) through dgq::plan, which answers with the kernel
@@ -45,7 +46,7 @@ using Mma = int (*)(const void* qweight, const int8_t* s2, const uint8_t* zp, co
                     void* stream);
 
 // dgq::plan's answer: [path, config 0, config 1, quantizer address, GEMM address, rotating quantizer
-// address, norm quantizer address]
+// address, norm quantizer address, silu-mul quantizer address]
 enum Path : int64_t { kPython = 0, kGemv = 1, kMma = 2 };
 struct Plan {
   int64_t path = kPython, config0 = 0, config1 = 0;
@@ -53,6 +54,7 @@ struct Plan {
   void* gemm = nullptr;
   RotatingQuantize rotating = nullptr;
   NormQuantize norm = nullptr;
+  Quantize silu_mul = nullptr;  // reads rows of 2k [gate | up]
 };
 using Key = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, bool>;
 
@@ -77,12 +79,13 @@ Plan plan_for(const at::Tensor& x, const at::Tensor& qweight, int64_t group, boo
                               .typed<std::vector<int64_t>(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
   const std::vector<int64_t> answer = ask.call(x, qweight, group, is_static);  // Python, outside the lock
   Plan plan;
-  if (answer.size() == 7 && (answer[0] == kGemv || answer[0] == kMma)) {
+  if (answer.size() == 8 && (answer[0] == kGemv || answer[0] == kMma)) {
     plan.path = answer[0], plan.config0 = answer[1], plan.config1 = answer[2];
     plan.quantize = reinterpret_cast<Quantize>(static_cast<uintptr_t>(answer[3]));
     plan.gemm = reinterpret_cast<void*>(static_cast<uintptr_t>(answer[4]));
     plan.rotating = reinterpret_cast<RotatingQuantize>(static_cast<uintptr_t>(answer[5]));
     plan.norm = reinterpret_cast<NormQuantize>(static_cast<uintptr_t>(answer[6]));
+    plan.silu_mul = reinterpret_cast<Quantize>(static_cast<uintptr_t>(answer[7]));
   }
   std::lock_guard<std::mutex> lock(mutex);
   plans.emplace(key, plan);
@@ -94,13 +97,15 @@ void check(int status, const char* what) {
   TORCH_CHECK(status == 0, what, ": ", status > 0 && status < 4 ? kErrors[status] : "unknown error");
 }
 
-// Quantizes the (m, k) input into the int8 tokens and their scales (one allocation) with
-// `quantize`, then runs the plan's GEMV or tensor-core kernel on them.
+// Quantizes the input into the (m, k) int8 tokens and their scales (one allocation) with
+// `quantize`, then runs the plan's GEMV or tensor-core kernel on them; k: the linear's in features
+// (the input's columns, or half of them for [gate | up]).
 template <typename QuantizeInto>
 at::Tensor quantize_and_multiply(const Plan& plan, const at::Tensor& input, const at::Tensor& qweight,
                                  const at::Tensor& scales_s2, const at::Tensor& qzeros, const at::Tensor& scales_s1,
-                                 int64_t group, const std::optional<at::Tensor>& input_scale, QuantizeInto quantize) {
-  const int m = static_cast<int>(input.size(0)), k = static_cast<int>(input.size(1));
+                                 int64_t group, const std::optional<at::Tensor>& input_scale, QuantizeInto quantize,
+                                 int64_t features = -1) {
+  const int m = static_cast<int>(input.size(0)), k = static_cast<int>(features < 0 ? input.size(1) : features);
   const int n = static_cast<int>(qweight.size(0));
   // the int8 tokens, then their float scales: m * k is a multiple of 32, so the scales stay aligned
   at::Tensor tokens = at::empty({static_cast<int64_t>(m) * k + 4 * m}, input.options().dtype(at::kChar));
@@ -213,10 +218,39 @@ at::Tensor norm_linear_cuda(const at::Tensor& x, const at::Tensor& weight, doubl
                                });
 }
 
+// x (m, 2k) = [gate | up]: 16-bit rows whose halves are whole 32-feature words, k <= 65536
+// (runtime.silu_mul_fusable); the plan is the linear's, asked with its (m, k) input's shape.
+at::Tensor silu_mul_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_s2,
+                                const at::Tensor& qzeros, const at::Tensor& scales_s1, int64_t group,
+                                const std::optional<at::Tensor>& input_scale, const std::optional<at::Tensor>& w_s8) {
+  const bool fusable = x.dim() == 2 && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
+                       x.size(1) % 64 == 0 && x.size(1) / 2 <= 65536;
+  const int64_t k = fusable ? x.size(1) / 2 : 0;
+  const Plan plan = fusable ? plan_if_native(x.narrow(1, 0, k), qweight, group, input_scale.has_value()) : Plan{};
+  if (plan.path == kPython || plan.silu_mul == nullptr) {
+    static const auto python = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("dgq::silu_mul_linear_python", "")
+                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, const at::Tensor&, int64_t,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&)>();
+    return python.call(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8);
+  }
+  const c10::DeviceGuard device_guard(x.device());
+  const at::Tensor input = x.contiguous();
+  return quantize_and_multiply(
+      plan, input, qweight, scales_s2, qzeros, scales_s1, group, input_scale,
+      [&](int8_t* codes, float* scales, const float* fixed, int m, int features, void* stream) {
+        return plan.silu_mul(input.data_ptr(), codes, scales, fixed, m, features, stream);
+      },
+      k);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dgq, CUDA, m) {
   m.impl("linear", TORCH_FN(linear_cuda));
   m.impl("rotated_linear", TORCH_FN(rotated_linear_cuda));
   m.impl("norm_linear", TORCH_FN(norm_linear_cuda));
+  m.impl("silu_mul_linear", TORCH_FN(silu_mul_linear_cuda));
 }

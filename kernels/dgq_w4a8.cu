@@ -315,6 +315,24 @@ __device__ __forceinline__ float load_square_sum(const uint4& raw) {
   return sum;
 }
 
+// silu(g) * u of one 16-byte load each of the gate and up halves, rounded as torch's CUDA ops round
+// transformers' act_fn(gate) * up: silu in float32 (g / (1 + exp(-g)), IEEE division, the accurate
+// expf) rounded to In, the product rounded to In.
+template <typename In>
+__device__ __forceinline__ uint4 silu_mul_load(const uint4& gate, const uint4& up) {
+  uint4 out;
+  const In* g = reinterpret_cast<const In*>(&gate);
+  const In* u = reinterpret_cast<const In*>(&up);
+  In* o = reinterpret_cast<In*>(&out);
+#pragma unroll
+  for (int j = 0; j < 16 / static_cast<int>(sizeof(In)); ++j) {
+    const float a = to_float(g[j]);
+    const In act = from_float<In>(__fdiv_rn(a, __fadd_rn(1.f, expf(-a))));
+    o[j] = from_float<In>(__fmul_rn(to_float(act), to_float(u[j])));
+  }
+  return out;
+}
+
 template <typename In>
 __device__ __forceinline__ uint4 normalize_load(const uint4& raw, const uint4& weight, float inv) {
   uint4 out;
@@ -332,9 +350,12 @@ __device__ __forceinline__ uint4 normalize_load(const uint4& raw, const uint4& w
 // all its loads are in flight together. R = 0 (rows too long for the registers, or float input in
 // the permuted order): the row is read twice, the second time mostly from L2. PERM: the output in
 // the wgmma kernel's order, rows of k_pad bytes; with R > 0 it needs 16-bit input, whose one load
-// is exactly one 8-feature unit of it. NORM (R > 0 only): the row held in registers is first
-// replaced by its RMSNorm (RowNorm), so the normalized activation never goes to memory.
-template <typename In, bool PERM, int R, int kTeam, bool NORM = false>
+// is exactly one 8-feature unit of it. PRE (R > 0 only) transforms the row into the registers
+// first, so the transformed activation never goes to memory: kNorm its RMSNorm (RowNorm); kSiluMul
+// rows of 2k values [gate | up] become silu(gate) * up (the MLP's input to down_proj).
+enum class Pre { kNone, kNorm, kSiluMul };
+
+template <typename In, bool PERM, int R, int kTeam, Pre PRE = Pre::kNone>
 __global__ void __launch_bounds__(1024) quantize_rows_kernel(const In* __restrict__ x, int8_t* __restrict__ q,
                                                              float* __restrict__ scale,
                                                              const float* __restrict__ static_scale, int m, int k,
@@ -342,13 +363,13 @@ __global__ void __launch_bounds__(1024) quantize_rows_kernel(const In* __restric
   constexpr int VEC = 16 / sizeof(In);
   static_assert(R == 0 || !PERM || VEC == 8, "the register path permutes whole 8-feature loads");
   static_assert(kTeam % 32 == 0, "a row is read by whole warps");
-  static_assert(!NORM || R > 0, "the norm needs the row in registers");
+  static_assert(PRE == Pre::kNone || R > 0, "the transform needs the row in registers");
   allow_dependents();
   __shared__ float warp_max[32];
   const int r_index = blockIdx.x * (blockDim.x / kTeam) + threadIdx.x / kTeam, lane = threadIdx.x % kTeam;
   const bool live = r_index < m;  // the last block's spare teams still join the barrier
   const int64_t row_id = live ? r_index : m - 1;
-  const uint4* row = reinterpret_cast<const uint4*>(x + row_id * k);
+  const uint4* row = reinterpret_cast<const uint4*>(x + row_id * (PRE == Pre::kSiluMul ? 2 * k : k));
   int8_t* const qrow = q + row_id * (PERM ? k_pad : k);
   auto store = [&](int v, const int8_t* out) {  // the VEC codes of load v, natural order
     if constexpr (VEC == 8) {
@@ -363,10 +384,14 @@ __global__ void __launch_bounds__(1024) quantize_rows_kernel(const In* __restric
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int v = lane + r * kTeam;
-      held[r] = v < vectors ? row[v] : make_uint4(0, 0, 0, 0);
+      if constexpr (PRE == Pre::kSiluMul) {
+        held[r] = v < vectors ? silu_mul_load<In>(row[v], row[vectors + v]) : make_uint4(0, 0, 0, 0);
+      } else {
+        held[r] = v < vectors ? row[v] : make_uint4(0, 0, 0, 0);
+      }
     }
   }
-  if constexpr (NORM) {
+  if constexpr (PRE == Pre::kNorm) {
     __shared__ float warp_part[32];
     float sum = 0.f;
 #pragma unroll
@@ -585,7 +610,7 @@ int mma_dispatch(const void* qweight, const int8_t* s2, const uint8_t* zp, const
   return 1;
 }
 
-template <typename In, bool PERM = false, bool NORM = false>
+template <typename In, bool PERM = false, Pre PRE = Pre::kNone>
 int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k, cudaStream_t stream,
                   RowNorm<In> norm = {nullptr, 0.f, nullptr}) {
   constexpr int VEC = 16 / sizeof(In);
@@ -602,19 +627,19 @@ int quantize_rows(const void* x, int8_t* q, float* scale, const float* static_sc
     return cudaGetLastError() == cudaSuccess ? 0 : 3;
   };
   if constexpr (PERM && VEC != 8) {
-    if constexpr (NORM) return 1;  // the norm needs the register path
+    if constexpr (PRE != Pre::kNone) return 1;  // the transforms need the register path
     return run(quantize_rows_kernel<In, PERM, 0, 256>, 256);
   } else {
     if (m <= 1024) {  // about one load per thread, a block per row: enough blocks, short rows in flight
-      if (vectors <= 256) return run(quantize_rows_kernel<In, PERM, 1, 256, NORM>, 256);
-      if (vectors <= 1024) return run(quantize_rows_kernel<In, PERM, 1, 1024, NORM>, 1024);
-      if (vectors <= 2048) return run(quantize_rows_kernel<In, PERM, 2, 1024, NORM>, 1024);
+      if (vectors <= 256) return run(quantize_rows_kernel<In, PERM, 1, 256, PRE>, 256);
+      if (vectors <= 1024) return run(quantize_rows_kernel<In, PERM, 1, 1024, PRE>, 1024);
+      if (vectors <= 2048) return run(quantize_rows_kernel<In, PERM, 2, 1024, PRE>, 1024);
     }
     // 64 threads per row holding up to 8 loads each: K <= 4096 (16-bit) in registers
-    if (vectors <= 64 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 64, NORM>, 64);
-    if (vectors <= 256 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 256, NORM>, 256);
-    if (vectors <= 1024 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 1024, NORM>, 1024);
-    if constexpr (NORM) return 1;
+    if (vectors <= 64 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 64, PRE>, 64);
+    if (vectors <= 256 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 256, PRE>, 256);
+    if (vectors <= 1024 * kMaxHeld) return run(quantize_rows_kernel<In, PERM, kMaxHeld, 1024, PRE>, 1024);
+    if constexpr (PRE != Pre::kNone) return 1;
     return run(quantize_rows_kernel<In, PERM, 0, 1024>, 1024);
   }
 }
@@ -820,7 +845,7 @@ extern "C" int dgq_quantize_rows_perm_f32(const void* x, int8_t* q, float* scale
 #define DGQ_RMSNORM_QUANTIZE(NAME, IN, PERM)                                                                   \
   extern "C" int NAME(const void* x, const void* w, float eps, int8_t* q, float* scale, const float* static_scale, \
                       float* inv_rms, int m, int k, cudaStream_t stream) {                                      \
-    return quantize_rows<IN, PERM, true>(x, q, scale, static_scale, m, k, stream,                               \
+    return quantize_rows<IN, PERM, Pre::kNorm>(x, q, scale, static_scale, m, k, stream,                         \
                                          {static_cast<const IN*>(w), eps, inv_rms});                            \
   }
 DGQ_RMSNORM_QUANTIZE(dgq_rmsnorm_quantize_rows_f16, __half, false)
@@ -828,6 +853,20 @@ DGQ_RMSNORM_QUANTIZE(dgq_rmsnorm_quantize_rows_bf16, __nv_bfloat16, false)
 DGQ_RMSNORM_QUANTIZE(dgq_rmsnorm_quantize_rows_perm_f16, __half, true)
 DGQ_RMSNORM_QUANTIZE(dgq_rmsnorm_quantize_rows_perm_bf16, __nv_bfloat16, true)
 #undef DGQ_RMSNORM_QUANTIZE
+
+// The same quantizations of silu(gate) * up for x (m, 2k) = [gate | up] (the fused gate/up output):
+// the codes (m, k) of down_proj's input, which never goes to memory. Rows longer than the register
+// path (k > 65536) are not supported (1).
+#define DGQ_SILU_MUL_QUANTIZE(NAME, IN, PERM)                                                                  \
+  extern "C" int NAME(const void* x, int8_t* q, float* scale, const float* static_scale, int m, int k,       \
+                      cudaStream_t stream) {                                                                  \
+    return quantize_rows<IN, PERM, Pre::kSiluMul>(x, q, scale, static_scale, m, k, stream);                   \
+  }
+DGQ_SILU_MUL_QUANTIZE(dgq_silu_mul_quantize_rows_f16, __half, false)
+DGQ_SILU_MUL_QUANTIZE(dgq_silu_mul_quantize_rows_bf16, __nv_bfloat16, false)
+DGQ_SILU_MUL_QUANTIZE(dgq_silu_mul_quantize_rows_perm_f16, __half, true)
+DGQ_SILU_MUL_QUANTIZE(dgq_silu_mul_quantize_rows_perm_bf16, __nv_bfloat16, true)
+#undef DGQ_SILU_MUL_QUANTIZE
 
 // Natural int8 activations (m, k) -> the permuted order (m, k_pad) (tests, benchmarks).
 extern "C" int dgq_permute_s8(const int8_t* x, int8_t* y, int m, int k, cudaStream_t stream) {

@@ -119,10 +119,11 @@ def linear_bytes(model) -> int:
 
 
 def linears_of(model) -> list[dict[str, nn.Module]]:
-    """The decoder linears and norms now in the model, per layer, by adapter name ('self_attn.q_proj',
-    'input_layernorm', ...): a variant swaps both, since DGQ's fused linears compute their norms."""
+    """The MLP module, decoder linears and norms now in the model, per layer, by adapter name ('mlp',
+    'self_attn.q_proj', 'input_layernorm', ...), the MLP first: a variant swaps all of them, since
+    DGQ's fused linears compute their norms and its down_proj the MLP's activation."""
     adapter = adapter_for(model.config.model_type)
-    names = adapter.linear_names() + adapter.residual.norms
+    names = (adapter.gated_mlp.path,) + adapter.linear_names() + adapter.residual.norms
     return [{name: layer.get_submodule(name) for name in names} for layer in decoder_layers(model, adapter)]
 
 
@@ -139,7 +140,7 @@ def fp8_variant(model, bf16: list[dict[str, nn.Module]]) -> list[dict[str, nn.Mo
     adapter = adapter_for(model.config.model_type)
     variant = []
     for linears in bf16:
-        modules = {}
+        modules = {adapter.gated_mlp.path: linears[adapter.gated_mlp.path]}  # bf16's MLP, FP8 linears set into it
         for group in adapter.inputs:
             members = [linears[name] for name in group.linears]
             weight = torch.cat([m.weight for m in members])

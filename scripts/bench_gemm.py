@@ -9,10 +9,11 @@ CUDA-graph replays, weights rotating over several copies so L2 cannot hold them)
            M >= 16; each the best of its configurations, split-K included), and the int4 -> int8
            expansion + CUTLASS sm90 GEMM;
   quantize the per-token int8 activation quantization kernel alone (part of dgq);
-  norm+dgq (qkv, gate_up: the linears an RMSNorm feeds) the DGQ linear of RMSNorm(x), the norm
-           fused into its quantizer (ops.norm_linear), and rmsnorm the norm alone as inductor
-           compiles it (one kernel); in-norm = norm+dgq - rmsnorm, the linear's own cost when its
-           quantization rides in the norm the model runs anyway (FP8's baseline still gets its
+  pre+dgq  the DGQ linear with the float op before it fused into its quantizer: for qkv and
+           gate_up the RMSNorm (ops.norm_linear), for down the MLP's silu(gate) * up from the
+           (M, 2K) gate/up output (ops.silu_mul_linear); pre the float op alone as inductor
+           compiles it (one kernel); in-pre = pre+dgq - pre, the linear's own cost when its
+           quantization rides in the op the model runs anyway (FP8's baseline still gets its
            activations for free);
   int8     cuBLAS int8 torch._int_mm (M padded to 17, its minimum) -- no scales, no quantization;
   bf16     cuBLAS bf16 matmul;
@@ -44,7 +45,7 @@ GROUP = 128
 COPIES = 6
 MMA_ROWS = 1024  # the tensor-core kernel is timed up to here
 WGMMA_MIN_ROWS = 16  # the fused wgmma kernel is timed from here
-NORMED = ("qkv", "gate_up")  # the shapes whose input is an RMSNorm's output
+NORMED = ("qkv", "gate_up")  # the shapes whose input is an RMSNorm's output (down's: silu(gate) * up)
 EPS = 1e-5
 SPLITS = (1, 2, 3, 4, 6, 8)  # split-K candidates where a shape has fewer blocks than SMs
 
@@ -224,10 +225,17 @@ def measure_shape(lib, shape: str, n: int, k: int, rows: list[int], bandwidth: f
         row["dgq_us"] = bench(lambda: runtime.dgq_linear(lib, x, *dgq_w.next(), GROUP))
         if shape in NORMED:
             norm_w = torch.rand(k, device=dev, dtype=x.dtype) + 0.5
-            row["norm_dgq_us"] = bench(lambda: runtime.dgq_linear(lib, x, *dgq_w.next(), GROUP, norm=(norm_w, EPS)))
-            row["rmsnorm_us"] = bench(lambda: compiled_norm(x, norm_w, EPS))
-            row["in_norm_us"] = row["norm_dgq_us"] - row["rmsnorm_us"]
-            row["fp8_over_in_norm"] = row["fp8_us"] / row["in_norm_us"] if row["in_norm_us"] > 0 else float("nan")
+            row["pre_op"] = "rmsnorm"
+            row["pre_dgq_us"] = bench(lambda: runtime.dgq_linear(lib, x, *dgq_w.next(), GROUP, norm=(norm_w, EPS)))
+            row["pre_us"] = bench(lambda: compiled_norm(x, norm_w, EPS))
+        elif shape == "down":
+            gate_up = torch.randn(m, 2 * k, device=dev, dtype=x.dtype)
+            row["pre_op"] = "silu*mul"
+            row["pre_dgq_us"] = bench(lambda: runtime.dgq_linear(lib, gate_up, *dgq_w.next(), GROUP, silu_mul=True))
+            row["pre_us"] = bench(lambda: compiled_silu_mul(gate_up))
+        if "pre_us" in row:
+            row["in_pre_us"] = row["pre_dgq_us"] - row["pre_us"]
+            row["fp8_over_in_pre"] = row["fp8_us"] / row["in_pre_us"] if row["in_pre_us"] > 0 else float("nan")
         for base in ("int8", "bf16", "fp8", "a16w4"):
             if f"{base}_us" in row:
                 row[f"{base}_over_dgq"] = row[f"{base}_us"] / row["dgq_us"]
@@ -240,7 +248,7 @@ def measure_shape(lib, shape: str, n: int, k: int, rows: list[int], bandwidth: f
               f"int8 {row['int8_us']:7.1f}  bf16 {row['bf16_us']:7.1f}  fp8 {row['fp8_us']:7.1f}  "
               f"a16w4 {row.get('a16w4_us', 0):7.1f}  bound {row['bound_us']:6.1f} us   x int8 {row['int8_over_dgq']:.2f}  "
               f"x bf16 {row['bf16_over_dgq']:.2f}  x fp8 {row['fp8_over_dgq']:.2f}"
-              + (f"  in-norm {row['in_norm_us']:.1f} x fp8 {row['fp8_over_in_norm']:.2f}" if "in_norm_us" in row else ""),
+              + (f"  in-{row['pre_op']} {row['in_pre_us']:.1f} x fp8 {row['fp8_over_in_pre']:.2f}" if "in_pre_us" in row else ""),
               flush=True)
     return results, paths, variants
 
@@ -252,6 +260,13 @@ def compiled_norm(x, weight, eps):
     return rms_norm(x, weight, eps)
 
 
+@torch.compile(fullgraph=True)
+def compiled_silu_mul(x):
+    from dgqtool.ops import silu_mul
+
+    return silu_mul(x)
+
+
 def _cell(row: dict, key: str, fmt: str = "{:.1f}") -> str:
     return fmt.format(row[key]) if key in row else "–"
 
@@ -260,7 +275,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| shape (N×K) | M | DGQ linear µs | path | path µs: GEMV / mma / wgmma / unpack+GEMM | wgmma config "
              "| quant µs | int8 µs | bf16 µs "
              "| fp8 µs | A16W4 µs | int8/DGQ | bf16/DGQ | fp8/DGQ | A16W4/DGQ | bound/DGQ "
-             "| norm+DGQ µs | rmsnorm µs | in-norm µs | fp8/in-norm |",
+             "| pre op | pre+DGQ µs | pre µs | in-pre µs | fp8/in-pre |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} {r['N']}×{r['K']} | {r['M']} | {r['dgq_us']:.1f} | {r.get('path', '–')} | "
@@ -268,8 +283,8 @@ def markdown(rows: list[dict]) -> str:
                      f"{r.get('wgmma_config', '–')} | {r['quantize_us']:.1f} | {r['int8_us']:.1f} | {r['bf16_us']:.1f} | "
                      f"{r['fp8_us']:.1f} | {_cell(r, 'a16w4_us')} | {r['int8_over_dgq']:.2f} | {r['bf16_over_dgq']:.2f} | "
                      f"{r['fp8_over_dgq']:.2f} | {_cell(r, 'a16w4_over_dgq', '{:.2f}')} | {r['bound_fraction']:.2f} | "
-                     f"{_cell(r, 'norm_dgq_us')} | {_cell(r, 'rmsnorm_us')} | {_cell(r, 'in_norm_us')} | "
-                     f"{_cell(r, 'fp8_over_in_norm', '{:.2f}')} |")
+                     f"{r.get('pre_op', '–')} | {_cell(r, 'pre_dgq_us')} | {_cell(r, 'pre_us')} | {_cell(r, 'in_pre_us')} | "
+                     f"{_cell(r, 'fp8_over_in_pre', '{:.2f}')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -534,7 +534,7 @@ def test_norm_linear_on_every_path_equals_the_linear_of_the_norm(dtype):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             taken.add(runtime.choose_path(lib, m, n, k)[0])
             if m <= 8:  # the C++ kernel runs these itself, through the fused norm quantizer
-                assert runtime.native_plan(lib, x, n)[-1] != 0
+                assert runtime.native_plan(lib, x, n)[6] != 0
             inv = torch.empty(m, device="cuda")
             runtime.rmsnorm_quantize_rows(lib, x, weight, 1e-6, inv_rms=inv)
             want = ops.linear(_normalized(x, weight, inv), qweight, s2, zero, s1, group)
@@ -548,3 +548,57 @@ def test_norm_linear_on_every_path_equals_the_linear_of_the_norm(dtype):
     assert unfused.dtype == torch.float32
     assert torch.equal(unfused, ops.linear(ops.rms_norm(x, weight.float(), 1e-6), qweight, s2, zero, s1, group))
     assert ops.norm_linear(x[:0], weight, 1e-6, qweight, s2, zero, s1, group).shape == (0, n)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 11008), (3, 576), (17, 1536), (300, 11008), (1025, 11008), (4097, 1536)])
+@pytest.mark.parametrize("static", [False, True])
+def test_silu_mul_quantization_equals_the_torch_ops_then_quantizing(dtype, m, k, static):
+    """The gated MLP's silu(gate) * up fused into the per-token quantizer, every register launch
+    shape: codes and scales equal torch's CUDA ops (what the model computes) then the torch
+    quantizer, in natural and permuted order."""
+    from dgqtool import ops
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    x = (torch.randn(m, 2 * k, device="cuda") * 4).to(dtype)
+    x[:, :3] *= 10  # massive gate channels
+    scale = torch.tensor([0.05], device="cuda") if static else None
+    y = ops.silu_mul(x)
+    want_q, want_s = quantize_per_tensor(y, scale) if static else quantize_per_token(y)
+    q, s = runtime.silu_mul_quantize_rows(lib, x, scale)
+    assert torch.equal(q, want_q) and torch.equal(s, want_s.expand_as(s)), (m, k)
+    q_p, s_p = runtime.silu_mul_quantize_rows(lib, x, scale, permuted=True)
+    assert torch.equal(q_p, runtime.permute_s8(lib, q)) and torch.equal(s_p, s)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_silu_mul_linear_on_every_path_equals_the_linear_of_the_activation(dtype):
+    """dgq::silu_mul_linear (C++ kernel: GEMV and tensor-core paths, the plan asked for the (M, K)
+    linear; Python kernel: wgmma and expansion) equals dgq::linear of torch's silu(gate) * up."""
+    from dgqtool import ops
+    from dgqtool.kernels import runtime
+
+    lib = _library()
+    n, k, group = 1024, 2048, 128
+    _, qweight, s2, zero, s1 = _weight(n, k, group)
+    wgmma_key = f"{runtime._bucket(300)},{n},{k}"
+    saved, taken = dict(lib.paths), set()
+    try:
+        for m, path in ((1, None), (8, None), (40, None), (300, "wgmma"), (2048, None)):
+            if path and lib.wgmma_variants:
+                lib.paths[wgmma_key] = [path, list(runtime.wgmma_default(m, n, k))]
+            x = torch.randn(m, 2 * k, device="cuda", dtype=dtype)
+            taken.add(runtime.choose_path(lib, m, n, k)[0])
+            if m <= 8:
+                assert runtime.native_plan(lib, x[:, :k], n)[7] != 0
+            want = ops.linear(ops.silu_mul(x), qweight, s2, zero, s1, group)
+            assert torch.equal(ops.silu_mul_linear(x, qweight, s2, zero, s1, group), want), m
+            assert torch.equal(torch.ops.dgq.silu_mul_linear_python.default(x, qweight, s2, zero, s1, group), want), m
+    finally:
+        lib.paths.clear()
+        lib.paths.update(saved)
+    assert taken >= {"gemv", "mma", "gemm"} and ("wgmma" in taken) == bool(lib.wgmma_variants), taken
+    assert ops.silu_mul_linear(x[:0], qweight, s2, zero, s1, group).shape == (0, n)

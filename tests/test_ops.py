@@ -116,6 +116,20 @@ def test_norm_linear_is_the_linear_of_transformers_rmsnorm(dtype):
     torch.library.opcheck(torch.ops.dgq.norm_linear.default, (x, norm.weight.detach(), 1e-5, *ARGS))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_linear_is_the_linear_of_the_mlps_activation(dtype):
+    """ops.silu_mul is LlamaMLP's act_fn(gate) * up on [gate | up] bit for bit; dgq::silu_mul_linear
+    is dgq::linear of it (CPU) and passes opcheck."""
+    from transformers.activations import ACT2FN
+
+    x = (torch.randn(5, 256, generator=GEN) * 3).to(dtype)
+    want = ACT2FN["silu"](x[:, :128]) * x[:, 128:]
+    assert torch.equal(ops.silu_mul(x), want)
+    out = ops.silu_mul_linear(x, *ARGS)
+    assert torch.equal(out, ops.linear(want, *ARGS)) and out.shape == (5, 48)
+    torch.library.opcheck(torch.ops.dgq.silu_mul_linear.default, (x, *ARGS))
+
+
 def test_only_norms_computing_llamas_formula_move_into_the_linears():
     """The copies of LlamaRMSNorm (Mistral, Qwen2, Qwen3) qualify; Gemma's (1 + w) and Olmo2's single
     rounding (weight times the float32 product, then the cast) do not."""
@@ -133,12 +147,13 @@ def test_only_norms_computing_llamas_formula_move_into_the_linears():
 
 def test_fused_model_computes_its_norms_in_the_linears_and_compiles(packed):
     """fuse_for_inference on LLaMA: each layer's two RMSNorms move into the fused q/k/v and gate/up
-    linears (dgq::norm_linear), the state_dict keeps its keys, logits equal the unfused model's bit
-    for bit (CPU), and the model compiles into one graph of 4 norm_linear and 4 linear ops."""
+    linears (dgq::norm_linear) and its MLP's silu(gate) * up into down_proj (dgq::silu_mul_linear),
+    the state_dict keeps its keys, logits equal the unfused model's bit for bit (CPU), and the model
+    compiles into one graph of 4 norm_linear, 2 silu_mul_linear and 2 linear (o_proj) ops."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from dgqtool.checkpoint import fuse_for_inference
-    from dgqtool.nn.fused import NormInLinears
+    from dgqtool.nn.fused import GatedMLPInLinears, NormInLinears
 
     model, _, _ = load_checkpoint(packed)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=GEN)
@@ -147,7 +162,8 @@ def test_fused_model_computes_its_norms_in_the_linears_and_compiles(packed):
         unfused = model(ids).logits
     fused = fuse_for_inference(model)
     assert sum(isinstance(m, NormInLinears) for m in fused.modules()) == 4
-    assert {k for k in fused.state_dict() if "norm" in k} == {k for k in keys if "norm" in k}
+    assert sum(isinstance(m, GatedMLPInLinears) for m in fused.modules()) == 2
+    assert {k for k in fused.state_dict() if "norm" in k or "down_proj" in k} == {k for k in keys if "norm" in k or "down_proj" in k}
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     with torch.no_grad():
@@ -155,7 +171,8 @@ def test_fused_model_computes_its_norms_in_the_linears_and_compiles(packed):
         compiled = torch.compile(fused, fullgraph=True, backend=counter)(ids).logits
     targets = [n.target for g in counter.graphs for n in g.graph.nodes]
     assert counter.frame_count == 1
-    assert targets.count(torch.ops.dgq.norm_linear.default) == 4 and targets.count(torch.ops.dgq.linear.default) == 4
+    assert targets.count(torch.ops.dgq.norm_linear.default) == 4 and targets.count(torch.ops.dgq.linear.default) == 2
+    assert targets.count(torch.ops.dgq.silu_mul_linear.default) == 2
     assert torch.equal(eager, unfused) and torch.equal(compiled, eager)
 
 
@@ -240,7 +257,7 @@ import torch
 from dgqtool.ops import load_native
 native = load_native()
 print(native, *("dgq_torch_ops.cpp" in torch._C._dispatch_dump(op).split("CUDA:")[1].splitlines()[0]
-                for op in ("dgq::linear", "dgq::rotated_linear", "dgq::norm_linear")))
+                for op in ("dgq::linear", "dgq::rotated_linear", "dgq::norm_linear", "dgq::silu_mul_linear")))
 """
 
 
@@ -248,13 +265,13 @@ print(native, *("dgq_torch_ops.cpp" in torch._C._dispatch_dump(op).split("CUDA:"
 @pytest.mark.parametrize("disabled", [False, True])
 def test_cpp_kernel_builds_and_replaces_the_python_cuda_kernel(disabled):
     """The C++ torch extension builds against the running torch (CPU-only torch included; cached
-    with the kernel library) and, loaded, is dgq::linear's, dgq::rotated_linear's and dgq::norm_linear's
-    active CUDA kernel; DGQ_NATIVE_OPS=0
+    with the kernel library) and, loaded, is the active CUDA kernel of dgq::linear, rotated_linear,
+    norm_linear and silu_mul_linear; DGQ_NATIVE_OPS=0
     keeps the Python one. In a fresh process: loading it changes the op for the whole process."""
     env = {**os.environ, "DGQ_NATIVE_OPS": "0" if disabled else "1"}
     done = subprocess.run([sys.executable, "-c", NATIVE_CHECK], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == [str(not disabled)] * 4
+    assert done.stdout.split() == [str(not disabled)] * 5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

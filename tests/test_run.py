@@ -166,9 +166,9 @@ def test_run_rejects_bad_checkpoints(checkpoint, tmp_path, damage):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fused_norms_on_the_gpu_stay_within_rounding_of_the_unfused_model(checkpoint):
     """On the kernel path the norms computed inside the fused linears (their own 1 / rms, a few ulp
-    from torch's) move fp16 logits by rounding only."""
+    from torch's) and the MLP activation inside down_proj move fp16 logits by rounding only."""
     from dgqtool.checkpoint import fuse_for_inference
-    from dgqtool.nn.fused import NormInLinears
+    from dgqtool.nn.fused import GatedMLPInLinears, NormInLinears
 
     model, _, _ = load_checkpoint(checkpoint, "cuda")
     model.half()
@@ -178,6 +178,7 @@ def test_fused_norms_on_the_gpu_stay_within_rounding_of_the_unfused_model(checkp
         fused = fuse_for_inference(model)
         got = fused(input_ids=ids).logits.float()
     assert sum(isinstance(m, NormInLinears) for m in fused.modules()) == 4
+    assert sum(isinstance(m, GatedMLPInLinears) for m in fused.modules()) == 2
     assert (got - unfused).norm() <= 5e-2 * unfused.norm()
 
 
@@ -204,12 +205,13 @@ def static_opt_checkpoint(tiny_opt, corpus_file, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("which,fused_groups,norms", [("checkpoint", 4, 4), ("static_opt_checkpoint", 2, 0)])
-def test_fused_projections_give_bit_identical_logits(request, which, fused_groups, norms):
+@pytest.mark.parametrize("which,fused_groups,norms,mlps", [("checkpoint", 4, 4, 2), ("static_opt_checkpoint", 2, 0, 0)])
+def test_fused_projections_give_bit_identical_logits(request, which, fused_groups, norms, mlps):
     """q/k/v and gate/up as one GEMM each (LLaMA; OPT has q/k/v only, with biases and static scales),
-    LLaMA's RMSNorms computed inside them (OPT's LayerNorms stay)."""
+    LLaMA's RMSNorms computed inside them and its MLP activation inside down_proj (OPT's LayerNorms
+    and ReLU MLP stay)."""
     from dgqtool.checkpoint import fuse_for_inference
-    from dgqtool.nn.fused import NormInLinears, ProjectionSlice
+    from dgqtool.nn.fused import GatedMLPInLinears, NormInLinears, ProjectionSlice
 
     path = request.getfixturevalue(which)
     model, _, _ = load_checkpoint(path)
@@ -220,6 +222,7 @@ def test_fused_projections_give_bit_identical_logits(request, which, fused_group
     slices = [m for m in fused.modules() if isinstance(m, ProjectionSlice)]
     assert len({id(s.shared) for s in slices}) == fused_groups
     assert sum(isinstance(m, NormInLinears) for m in fused.modules()) == norms
+    assert sum(isinstance(m, GatedMLPInLinears) for m in fused.modules()) == mlps
     assert sum(isinstance(m, DGQLinear) for m in fused.modules()) == linears_before - len(slices) + fused_groups
     assert torch.equal(fused(input_ids=ids).logits, expected)
     assert all(s.shared._output is None for s in slices)  # nothing held between calls

@@ -2,7 +2,8 @@
 
 Dispatch of one DGQ linear on a CUDA tensor:
   * activations -> int8 per token (or with the static scale) by one kernel, the RMSNorm that
-    produced them fused in where the caller hands its weight over (ops.norm_linear);
+    produced them fused in where the caller hands its weight over (ops.norm_linear), or the MLP's
+    silu(gate) * up from the fused gate/up output (ops.silu_mul_linear);
   * M = 1: the fused GEMV streams the 4-bit codes and converts them in registers (dp4a);
   * small and mid M: the fused tensor-core kernel converts the codes in registers into mma.sync's
     A operand (no int8 weight ever reaches memory);
@@ -76,6 +77,7 @@ class KernelLibrary:
             for order in ("", "perm_"):
                 self._sig(f"dgq_rmsnorm_quantize_rows_{order}{suffix}",
                           [ptr, ptr, ctypes.c_float] + [ptr] * 4 + [i32, i32, ptr])
+                self._sig(f"dgq_silu_mul_quantize_rows_{order}{suffix}", [ptr] * 4 + [i32, i32, ptr])
         listing = path.parent / "wgmma_variants.json"
         self.wgmma_variants = [(128 * v["mt"], v["bn"], v["stages"], v["cluster"])
                                for v in json.loads(listing.read_text())] if listing.is_file() else []
@@ -186,6 +188,26 @@ def rmsnorm_quantize_rows(lib: KernelLibrary, x: torch.Tensor, weight: torch.Ten
              weight.data_ptr(), eps, q.data_ptr(), scale.data_ptr(),
              None if static is None else static.data_ptr(), None if inv_rms is None else inv_rms.data_ptr(), *x.shape,
              _stream(x.device))
+    return q, scale
+
+
+def silu_mul_fusable(x: torch.Tensor) -> bool:
+    """Whether silu_mul_quantize_rows takes x (M, 2K) = [gate | up]."""
+    return x.dtype in _OUT_SUFFIX and x.shape[-1] % 64 == 0 and x.shape[-1] // 2 <= NORM_MAX_FEATURES
+
+
+def silu_mul_quantize_rows(lib: KernelLibrary, x: torch.Tensor, static_scale: torch.Tensor | None = None,
+                           permuted: bool = False):
+    """(M, 2K) fp16/bf16 [gate | up] -> the codes and scales of quantize_rows (or quantize_rows_permuted)
+    of silu(gate) * up, (M, K), in one kernel, rounded as torch's ops round act_fn(gate) * up (each
+    result to x's dtype); silu_mul_fusable(x) must hold."""
+    x = x.contiguous()
+    m, k = x.shape[0], x.shape[1] // 2
+    q = torch.empty(m, _padded(k) if permuted else k, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    static = None if static_scale is None else static_scale.float().contiguous()
+    lib.call(f"dgq_silu_mul_quantize_rows_{'perm_' if permuted else ''}{_OUT_SUFFIX[x.dtype]}", x.data_ptr(),
+             q.data_ptr(), scale.data_ptr(), None if static is None else static.data_ptr(), m, k, _stream(x.device))
     return q, scale
 
 
@@ -372,34 +394,46 @@ NATIVE_PATHS = {"gemv": 1, "mma": 2}
 
 def native_plan(lib: KernelLibrary, x: torch.Tensor, n: int) -> list[int]:
     """dgq::plan's answer for the C++ kernel: [path id, config, config, quantizer address, kernel
-    address, rotating quantizer address, norm quantizer address] where choose_path picks a path it
-    runs, else [0] (it calls the Python path). The rotating quantizer is dgq_hadamard_quantize_rows
-    (rotated_linear), the norm quantizer dgq_rmsnorm_quantize_rows (norm_linear)."""
+    address, rotating quantizer address, norm quantizer address, silu-mul quantizer address] where
+    choose_path picks a path it runs, else [0] (it calls the Python path). The rotating quantizer is
+    dgq_hadamard_quantize_rows (rotated_linear), the norm quantizer dgq_rmsnorm_quantize_rows
+    (norm_linear), the silu-mul one dgq_silu_mul_quantize_rows (silu_mul_linear; x is then the
+    linear's (M, K) input as the C++ kernel sees it, not the (M, 2K) gate/up output)."""
     m, k = x.shape
     path, config = choose_path(lib, m, n, k)
     if path not in NATIVE_PATHS:
         return [0]
     config = config or (GEMV_DEFAULT if path == "gemv" else MMA_DEFAULT)
     entries = (f"dgq_quantize_rows_{_IN_SUFFIX[x.dtype]}", f"dgq_{path}_{_OUT_SUFFIX[x.dtype]}",
-               f"dgq_hadamard_quantize_rows_{_OUT_SUFFIX[x.dtype]}", f"dgq_rmsnorm_quantize_rows_{_OUT_SUFFIX[x.dtype]}")
+               f"dgq_hadamard_quantize_rows_{_OUT_SUFFIX[x.dtype]}", f"dgq_rmsnorm_quantize_rows_{_OUT_SUFFIX[x.dtype]}",
+               f"dgq_silu_mul_quantize_rows_{_OUT_SUFFIX[x.dtype]}")
     return [NATIVE_PATHS[path], *config, *(ctypes.cast(getattr(lib.lib, e), ctypes.c_void_p).value for e in entries)]
 
 
 def dgq_linear(lib: KernelLibrary, x: torch.Tensor, qweight, s2, zero, s1, group: int,
-               static_scale: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+               static_scale: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
+               silu_mul: bool = False) -> torch.Tensor:
     """One DGQ linear without bias: x (M, K) fp16/bf16 -> (M, N) in x's dtype; group % 32 == 0.
-    norm = (weight, eps): the linear of RMSNorm(x), the norm fused into the quantizer (norm_fusable)."""
-    m, k = x.shape
+    norm = (weight, eps): the linear of RMSNorm(x), the norm fused into the quantizer (norm_fusable).
+    silu_mul: x is (M, 2K) [gate | up], the linear's input silu(gate) * up (silu_mul_fusable)."""
+    m, k = x.shape[0], x.shape[1] // 2 if silu_mul else x.shape[1]
+
+    def quantize(permuted: bool):
+        if silu_mul:
+            return silu_mul_quantize_rows(lib, x, static_scale, permuted)
+        if norm is not None:
+            return rmsnorm_quantize_rows(lib, x, *norm, static_scale, permuted=permuted)
+        return (quantize_rows_permuted if permuted else quantize_rows)(lib, x, static_scale)
+
     if m == 0:  # no launch has a grid for it
         return x.new_empty(0, qweight.shape[0])
     path, config = choose_path(lib, m, qweight.shape[0], k)
     if path == "wgmma" and qweight.data_ptr() % 16:  # TMA needs 16-byte aligned codes: take the default path
         path, config = ("mma", MMA_DEFAULT) if m <= MMA_MAX_ROWS else ("gemm", None)
     if path == "wgmma":
-        x_p, s_x = (quantize_rows_permuted(lib, x, static_scale) if norm is None
-                    else rmsnorm_quantize_rows(lib, x, *norm, static_scale, permuted=True))
+        x_p, s_x = quantize(permuted=True)
         return wgmma_permuted(lib, x_p, s_x, qweight, s2, zero, s1, group, x.dtype, config)
-    x_q, s_x = quantize_rows(lib, x, static_scale) if norm is None else rmsnorm_quantize_rows(lib, x, *norm, static_scale)
+    x_q, s_x = quantize(permuted=False)
     if path == "gemv":
         return gemv(lib, x_q, s_x, qweight, s2, zero, s1, group, x.dtype, config or GEMV_DEFAULT)
     if path == "mma":

@@ -81,6 +81,17 @@ class Residual:
 
 
 @dataclass(frozen=True)
+class GatedMLP:
+    """A layer's MLP computing down(act(gate(x)) * up(x)), paths inside the layer: with act SiLU, the
+    runtime computes silu(gate) * up inside down_proj's quantizer (nn/fused.py)."""
+
+    path: str
+    gate: str
+    up: str
+    down: str
+
+
+@dataclass(frozen=True)
 class Adapter:
     base: str  # module whose forward embeds tokens and runs the layer stack
     layers: str  # the nn.ModuleList of decoder layers, from the causal-LM root
@@ -94,6 +105,7 @@ class Adapter:
     num_experts: int = 0  # set by bind()
     fusion: tuple[InputGroup, ...] | None = None  # set by bind(): groups that share one GEMM at runtime
     residual: Residual | None = None  # None: the family's residual stream cannot be rotated
+    gated_mlp: GatedMLP | None = None  # the MLP whose activation the runtime may fuse into down_proj
 
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for group in self.inputs for name in group.linears)
@@ -164,6 +176,7 @@ _LLAMA = Adapter(
         value=("self_attn.v_proj", "self_attn.o_proj"),
         online=(("down", "mlp.down_proj"), ("o", "self_attn.o_proj")),
     ),
+    gated_mlp=GatedMLP("mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
 )
 
 _QWEN3 = dataclasses.replace(

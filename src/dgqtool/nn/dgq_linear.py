@@ -117,6 +117,12 @@ class DGQLinear(_W4A8Linear):
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         return self._finish(ops.norm_linear(x2, norm_weight, eps, *self._op_arguments(x)), x)
 
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(silu(gate) * up) of x = [gate | up] (..., 2 in_features), the gated MLP's activation
+        (ops.silu_mul) fused into the activation quantizer."""
+        x2 = x if x.dim() == 2 else x.reshape(-1, 2 * self.in_features)
+        return self._finish(ops.silu_mul_linear(x2, *self._op_arguments(x)), x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._buffers
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)

@@ -10,6 +10,10 @@ Where the group's activation is an RMSNorm's output read by nothing else (the ad
 norm moves into the fused DGQ linear (ops.norm_linear: the norm inside the activation quantizer) and
 the norm module becomes NormInLinears, which passes its input through. On the CPU that is
 bit-identical too; on a GPU the kernel's own sum of squares may move a row's 1 / rms by a few ulp.
+Where the layer's gated MLP computes down(silu(gate(x)) * up(x)) on a fused gate/up and a DGQ down
+(the adapter's GatedMLP), GatedMLPInLinears runs it as the fused gate/up output into
+ops.silu_mul_linear: the activation is computed inside down_proj's quantizer, bit-identical to
+torch's ops on the same device.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.adapters import Adapter, InputGroup, decoder_layers
+from ..models.adapters import Adapter, GatedMLP, InputGroup, decoder_layers
 from .dgq_linear import DGQLinear, _W4A8Linear
 
 
@@ -88,8 +92,7 @@ def _computes_llama_rmsnorm(norm: nn.Module) -> bool:
     rounding (one cast after the weight) or one whose forward a kernel hub replaced is not."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    code, llama = getattr(type(norm).forward, "__code__", None), LlamaRMSNorm.forward.__code__
-    return code is not None and (code.co_code, code.co_consts, code.co_names) == (llama.co_code, llama.co_consts, llama.co_names)
+    return _same_forward(norm, LlamaRMSNorm)
 
 
 def _deferrable_norm(layer: nn.Module, adapter: Adapter, group: InputGroup, shared: SharedInputLinear) -> nn.Module | None:
@@ -106,6 +109,44 @@ def _deferrable_norm(layer: nn.Module, adapter: Adapter, group: InputGroup, shar
     if not _computes_llama_rmsnorm(norm) or not isinstance(eps, float) or not isinstance(weight, nn.Parameter):
         return None
     return norm if weight.shape == (shared.fused.in_features,) else None
+
+
+class GatedMLPInLinears(nn.Module):
+    """Stands where a gated MLP was whose gate/up run as one fused linear and whose down_proj is DGQ:
+    down_proj reads [gate | up] and computes silu(gate) * up in its quantizer. Keeps the MLP's
+    linears under their names (same state_dict keys)."""
+
+    def __init__(self, gate_proj: ProjectionSlice, up_proj: ProjectionSlice, down_proj: DGQLinear):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj.forward_silu_mul(self.gate_proj.shared.compute(x))
+
+
+def _same_forward(module: nn.Module, reference: type) -> bool:
+    """Whether the module's forward is `reference`'s, op for op (transformers' "Copied from" classes
+    are): what the fused kernels reproduce. One that a kernel hub replaced, or of other roundings, is not."""
+    code, want = getattr(type(module).forward, "__code__", None), reference.forward.__code__
+    return code is not None and (code.co_code, code.co_consts, code.co_names) == (want.co_code, want.co_consts, want.co_names)
+
+
+def _fusable_mlp(layer: nn.Module, spec: GatedMLP) -> bool:
+    """The layer's MLP is LlamaMLP's down(silu(gate(x)) * up(x)) over one fused [gate; up] and a DGQ
+    down_proj without an online rotation."""
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    mlp, gate, up, down = (layer.get_submodule(name) for name in (spec.path, spec.gate, spec.up, spec.down))
+    act = getattr(mlp, "act_fn", None)
+    silu = type(act) is nn.SiLU or (isinstance(act, nn.Module) and _same_forward(act, SiLUActivation))
+    if not _same_forward(mlp, LlamaMLP) or not silu:
+        return False
+    if not (isinstance(gate, ProjectionSlice) and isinstance(up, ProjectionSlice) and gate.shared is up.shared):
+        return False
+    halves = (gate.start, gate.stop, up.start, up.stop) == (0, down.in_features, down.in_features, 2 * down.in_features)
+    return (halves and gate.shared.fused.out_features == 2 * down.in_features and type(down) is DGQLinear
+            and down.online_signs is None)
 
 
 def _fusable(members: list[nn.Module]) -> bool:
@@ -142,9 +183,10 @@ def fuse(members: list[_W4A8Linear]) -> _W4A8Linear:
     return fused
 
 
-def fuse_shared_inputs(model: nn.Module, adapter: Adapter, norms: bool = True) -> int:
+def fuse_shared_inputs(model: nn.Module, adapter: Adapter, float_ops: bool = True) -> int:
     """Fuse, in every decoder layer, each adapter input group of several quantized linears, and
-    (norms) move the RMSNorm that feeds a fused DGQ group into it. Returns the number of fused groups."""
+    (float_ops) move the RMSNorm that feeds a fused DGQ group into it and the gated MLP's activation into
+    its DGQ down_proj. Returns the number of fused groups."""
     count = 0
     for layer in decoder_layers(model, adapter):
         for group in adapter.fusion_groups():
@@ -156,10 +198,13 @@ def fuse_shared_inputs(model: nn.Module, adapter: Adapter, norms: bool = True) -
             for i, (name, member) in enumerate(zip(group.linears, members)):
                 layer.set_submodule(name, ProjectionSlice(shared, i, start, start + member.out_features))
                 start += member.out_features
-            norm = _deferrable_norm(layer, adapter, group, shared) if norms else None
+            norm = _deferrable_norm(layer, adapter, group, shared) if float_ops else None
             if norm is not None:
                 deferred = NormInLinears(norm.weight, norm.variance_epsilon)
                 layer.set_submodule(group.producer, deferred)
                 object.__setattr__(shared, "norm", deferred)  # the layer owns it: one state_dict key
             count += 1
+        spec = adapter.gated_mlp
+        if float_ops and spec is not None and _fusable_mlp(layer, spec):
+            layer.set_submodule(spec.path, GatedMLPInLinears(*(layer.get_submodule(n) for n in (spec.gate, spec.up, spec.down))))
     return count
