@@ -138,17 +138,21 @@ Plan plan_if_native(const at::Tensor& x, const at::Tensor& qweight, int64_t grou
   return runs_here ? plan_for(x, qweight, group, is_static) : Plan{};
 }
 
+// The op's Python kernel (dgq::<op>_python): the inputs and paths this file does not take.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> python_kernel(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+using Optional = const std::optional<at::Tensor>&;
+using LinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, int64_t, Optional, Optional);
+
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales_s2,
                        const at::Tensor& qzeros, const at::Tensor& scales_s1, int64_t group,
                        const std::optional<at::Tensor>& input_scale, const std::optional<at::Tensor>& w_s8) {
   const Plan plan = plan_if_native(x, qweight, group, input_scale.has_value());
   if (plan.path == kPython) {
-    static const auto python = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("dgq::linear_python", "")
-                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                     const at::Tensor&, const at::Tensor&, int64_t,
-                                                     const std::optional<at::Tensor>&,
-                                                     const std::optional<at::Tensor>&)>();
+    static const auto python = python_kernel<LinearSignature>("dgq::linear_python");
     return python.call(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8);
   }
   const c10::DeviceGuard device_guard(x.device());  // the kernels launch on the current device
@@ -170,12 +174,9 @@ at::Tensor rotated_linear_cuda(const at::Tensor& x, const at::Tensor& signs, int
                            signs.dim() == 1 && signs.numel() == x.size(1) && signs.device() == x.device();
   const Plan plan = fused_block ? plan_if_native(x, qweight, group, input_scale.has_value()) : Plan{};
   if (plan.path == kPython || plan.rotating == nullptr) {
-    static const auto python = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("dgq::rotated_linear_python", "")
-                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
-                                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                                     const std::optional<at::Tensor>&,
-                                                     const std::optional<at::Tensor>&)>();
+    static const auto python = python_kernel<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        int64_t, Optional, Optional)>("dgq::rotated_linear_python");
     return python.call(x, signs, block, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8);
   }
   const c10::DeviceGuard device_guard(x.device());
@@ -200,12 +201,9 @@ at::Tensor norm_linear_cuda(const at::Tensor& x, const at::Tensor& weight, doubl
                        weight.device() == x.device() && x.size(1) <= 65536;
   const Plan plan = fusable ? plan_if_native(x, qweight, group, input_scale.has_value()) : Plan{};
   if (plan.path == kPython || plan.norm == nullptr) {
-    static const auto python = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("dgq::norm_linear_python", "")
-                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
-                                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                                     const std::optional<at::Tensor>&,
-                                                     const std::optional<at::Tensor>&)>();
+    static const auto python = python_kernel<at::Tensor(const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
+                                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        int64_t, Optional, Optional)>("dgq::norm_linear_python");
     return python.call(x, weight, eps, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8);
   }
   const c10::DeviceGuard device_guard(x.device());
@@ -228,12 +226,7 @@ at::Tensor silu_mul_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, 
   const int64_t k = fusable ? x.size(1) / 2 : 0;
   const Plan plan = fusable ? plan_if_native(x.narrow(1, 0, k), qweight, group, input_scale.has_value()) : Plan{};
   if (plan.path == kPython || plan.silu_mul == nullptr) {
-    static const auto python = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("dgq::silu_mul_linear_python", "")
-                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                     const at::Tensor&, const at::Tensor&, int64_t,
-                                                     const std::optional<at::Tensor>&,
-                                                     const std::optional<at::Tensor>&)>();
+    static const auto python = python_kernel<LinearSignature>("dgq::silu_mul_linear_python");
     return python.call(x, qweight, scales_s2, qzeros, scales_s1, group, input_scale, w_s8);
   }
   const c10::DeviceGuard device_guard(x.device());

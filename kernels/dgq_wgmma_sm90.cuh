@@ -416,6 +416,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < NACC; ++i) fence_operand(acc[mt][i]);
 
+    // a unit's end in the trace: after its epilogue, or after its partial sums for a later unit
+    auto record_trace = [&]() {
+      if (p.trace == nullptr || ctid != 0) return;
+      long long t_end, sm;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_end));
+      asm volatile("{ .reg .u32 r; mov.u32 r, %%smid; cvt.u64.u32 %0, r; }" : "=l"(sm));
+      long long* rec = p.trace + 6 * static_cast<int64_t>(u);
+      rec[0] = sm, rec[1] = t_unit ? t_unit : t_start, rec[2] = t_start, rec[3] = t_data, rec[4] = t_main, rec[5] = t_end;
+    };
     if (p.splits > 1) {
       constexpr int per_split = MT * NACC * 256;
       int* slots = p.partials + static_cast<int64_t>(w.tile) * p.splits * per_split;
@@ -428,7 +437,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       named_barrier(1, 256);
       if (ctid == 0) *flag = atomicAdd(p.counters + w.tile, 1) == p.splits - 1;
       named_barrier(1, 256);
-      if (!*flag) continue;  // to the next unit (the loop condition)
+      if (!*flag) {
+        record_trace();
+        continue;  // to the next unit (the loop condition)
+      }
       __threadfence();
       for (int z = 0; z < p.splits; ++z) {
         if (z == w.split) continue;
@@ -495,13 +507,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     });
-    if (p.trace != nullptr && ctid == 0) {
-      long long t_end, sm;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_end));
-      asm volatile("{ .reg .u32 r; mov.u32 r, %%smid; cvt.u64.u32 %0, r; }" : "=l"(sm));
-      long long* rec = p.trace + 6 * static_cast<int64_t>(u);
-      rec[0] = sm, rec[1] = t_unit ? t_unit : t_start, rec[2] = t_start, rec[3] = t_data, rec[4] = t_main, rec[5] = t_end;
-    }
+    record_trace();
   } while (kPersistent<MT, CL> && (u += gridDim.x) < p.units);
 #endif
 }

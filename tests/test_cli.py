@@ -98,6 +98,37 @@ def test_changed_option_reruns_only_downstream_stages(llama_ckpt, tiny_llama, co
     assert model.model.layers[0].self_attn.q_proj.input_scale.item() > 0
 
 
+def test_static_keeps_massive_token_inputs_per_token(llama_ckpt, tiny_llama, corpus_file, tmp_path):
+    """--dynamic-above R: the inputs whose largest calibration token passes R x the mean token's
+    abs-max keep per-token scales, the others get a static one; the checkpoint says 'mixed' and
+    lists the per-token linears, loads and verifies; export to compressed-tensors refuses it."""
+    from dgqtool.models.adapters import adapter_for_model
+
+    work = llama_ckpt.with_name(llama_ckpt.name + ".work")
+    stats = load_file(work / "calibrate" / "stats.safetensors")
+    ratios = {k.removesuffix(".token_absmax_mean"): (stats[k.replace("token_absmax_mean", "act_absmax")].max() / stats[k]).item()
+              for k in stats if k.endswith(".token_absmax_mean")}
+    ordered = sorted(ratios.values())
+    threshold = (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2  # half the inputs on each side
+    assert ordered[0] >= 1 and ordered[0] < threshold < ordered[-1]
+    out = tmp_path / "mixed"
+    result = quantize(tiny_llama, out, corpus_file, "-w", work, "--act", "static", "--dynamic-above", f"{threshold:.6f}")
+    assert result.exit_code == 0, result.output
+    model, _, q = load_checkpoint(out)
+    groups = {g.linears[0]: g.linears for g in adapter_for_model(model).inputs}
+    expected = {f"model.layers.{key.split('.', 1)[0]}.{name}" for key, r in ratios.items() if r > threshold
+                for name in groups[key.split(".", 1)[1]]}
+    assert q["activation"] == "mixed" and set(q["per_token_linears"]) == expected
+    dgq_modules = {n: m for n, m in model.named_modules() if isinstance(m, DGQLinear)}
+    assert {n for n, m in dgq_modules.items() if m.input_scale is None} == expected
+    assert all(m.input_scale.item() > 0 for n, m in dgq_modules.items() if n not in expected)
+    refused = dgq("export", out, "-o", tmp_path / "ct", "--format", "compressed-tensors")
+    assert refused.exit_code == 2 and "error:" in refused.output and "cannot express" in refused.output
+    assert not (tmp_path / "ct").exists()
+    wrong = quantize(tiny_llama, tmp_path / "x", corpus_file, "-w", work, "--dynamic-above", "4")
+    assert wrong.exit_code == 2 and "add --act static" in wrong.output and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("method,module_type", [("rtn-dg", DGQLinear), ("groupwise", GroupW4A8Linear), ("rtn", GroupW4A8Linear)])
 def test_baseline_methods_pack_and_verify(method, module_type, tiny_llama, corpus_file, tmp_path):
     out = tmp_path / method

@@ -68,6 +68,13 @@ CONFIG_EDITS = {
     "group_size not dividing": (lambda c: c["quantization_config"].update(group_size=48), "does not divide in_features 64"),
     "no model_type": (lambda c: c.pop("model_type"), "no model_type"),
     "activation": (lambda c: c["quantization_config"].update(activation="fp8"), "activation must be one of"),
+    "mixed without its list": (lambda c: c["quantization_config"].update(activation="mixed"),
+                               "activation 'mixed' needs per_token_linears"),
+    "list without mixed": (lambda c: c["quantization_config"].update(per_token_linears=["model.layers.0.mlp.down_proj"]),
+                           "per_token_linears is only for activation 'mixed'"),
+    "mixed naming no linear": (lambda c: c["quantization_config"].update(activation="mixed",
+                                                                          per_token_linears=["model.layers.0.mlp.nope"]),
+                               "per_token_linears names model.layers.0.mlp.nope"),
     "harmless edit": (lambda c: c.update(architectures=["Other"]), "config.json does not match the hash"),
 }
 

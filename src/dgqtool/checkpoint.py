@@ -24,6 +24,7 @@ from .format import (
     online_rotations,
     read_checkpoint,
     read_config,
+    static_input,
 )
 from .models.adapters import adapter_for_model, decoder_layers
 from .models.load import DTYPES
@@ -44,8 +45,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     config, state = read_checkpoint(path)
     q = config["quantization_config"]
     model = _quantized_model(path, state, FORMATS[q["format"]], DTYPES[q["compute_dtype"]],
-                             q["activation"] == "static", lambda linear, where: group_of(q, linear.in_features, where),
-                             online_rotations(q))
+                             static_input(q), lambda linear, where: group_of(q, linear.in_features, where),
+                             online_rotations(q), q.get("per_token_linears", ()))
     return model.to(device).eval(), tokenizer(path), q
 
 
@@ -97,7 +98,7 @@ def load_compressed_tensors(path: str | Path, device: str = "cpu"):
     static = not scheme.get("input_activations", {}).get("dynamic", True)
     group = int(weights["group_size"])
     module_type = functools.partial(FORMATS[group_format.name], scale_dtype=scale_dtype)
-    model = _quantized_model(path, state, module_type, dtype, static, lambda linear, where: group)
+    model = _quantized_model(path, state, module_type, dtype, lambda _name: static, lambda linear, where: group)
     return model.to(device).eval(), tokenizer(path), q
 
 
@@ -110,25 +111,32 @@ def tokenizer(path: Path):
         raise DGQError(f"{path}: cannot load the tokenizer: {str(exc).splitlines()[0]}") from None
 
 
-def replace_linears(model: torch.nn.Module, module_type: type[_W4A8Linear], dtype, static: bool, group_of_linear,
-                    online: dict[str, tuple[int, int]], where: Path) -> None:
+def replace_linears(model: torch.nn.Module, module_type: type[_W4A8Linear], dtype, static, group_of_linear,
+                    online: dict[str, tuple[int, int]], where: Path, per_token: tuple[str, ...] = ()) -> None:
     """Swap every adapter linear of a (meta) model for an empty `module_type` of its shape
-    (MoE: the experts are split into linears first, as at quantization time); `online`: the
-    linears with an online input rotation and its (Paley, Sylvester) orders (format.online_rotations).
-    A misfit (group size, online rotation) is one DGQError naming `where`."""
+    (MoE: the experts are split into linears first, as at quantization time); `static`: full module
+    name -> whether its input scale is static (format.static_input); `online`: the linears with an
+    online input rotation and its (Paley, Sylvester) orders (format.online_rotations); `per_token`:
+    the names a mixed checkpoint lists. A misfit (group size, online rotation, an unknown name) is
+    one DGQError naming `where`."""
     adapter = adapter_for_model(model)
     try:
         unknown = sorted(set(online) - set(adapter.linear_names()))
         if unknown:
             raise DGQError(f"rotation.online names {unknown[0]}, which is no quantized linear of this model")
+        names = []
         for index, layer in enumerate(decoder_layers(model, adapter)):
             for name in adapter.linear_names():
-                linear = layer.get_submodule(name)
+                linear, full = layer.get_submodule(name), f"{adapter.layers}.{index}.{name}"
                 with torch.device("meta"):
                     module = module_type(linear.in_features, linear.out_features,
                                          group_of_linear(linear, f"layer {index} {name}"), bias=linear.bias is not None,
-                                         static=static, dtype=dtype, online=online.get(name))
+                                         static=static(full), dtype=dtype, online=online.get(name))
                 layer.set_submodule(name, module)
+                names.append(full)
+        unknown = sorted(set(per_token) - set(names))
+        if unknown:
+            raise DGQError(f"per_token_linears names {unknown[0]}, which is no quantized linear of this model")
     except (ValueError, DGQError) as exc:  # ValueError: online blocks that do not divide the linear
         raise DGQError(f"{where}: {exc}") from None
 
@@ -159,7 +167,7 @@ def packed_problem(model: torch.nn.Module, found: dict[str, tuple]) -> str | Non
     return f"unexpected tensor {extra[0]}" if extra else None
 
 
-def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, group_of_linear, online=None):
+def _quantized_model(path: Path, state: dict, module_type, dtype, static, group_of_linear, online=None, per_token=()):
     """A transformers model built on meta whose adapter linears are `module_type`, filled from `state`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -168,7 +176,7 @@ def _quantized_model(path: Path, state: dict, module_type, dtype, static: bool, 
         del config.quantization_config  # the modules are swapped here, not by a transformers quantizer
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    replace_linears(model, module_type, dtype, static, group_of_linear, online or {}, path)
+    replace_linears(model, module_type, dtype, static, group_of_linear, online or {}, path, tuple(per_token))
     problem = packed_problem(model, {k: (v.dtype, tuple(v.shape)) for k, v in state.items()})
     if problem:
         raise DGQError(f"{path}: {problem}")

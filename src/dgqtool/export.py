@@ -104,6 +104,10 @@ def export_checkpoint(src: Path, out: Path, fmt: str = "compressed-tensors", for
         if online:
             raise DGQError(f"{src} rotates the input of {', '.join(online)} online (--online-rotation), which a "
                            "compressed-tensors checkpoint cannot express; quantize without it to export")
+        if qconfig["activation"] == "mixed":
+            raise DGQError(f"{src} keeps per-token scales on {len(qconfig['per_token_linears'])} linears under static "
+                           "activations (--dynamic-above), which one compressed-tensors scheme cannot express; "
+                           "quantize without it to export")
         try:
             import compressed_tensors  # noqa: F401
         except ImportError as exc:

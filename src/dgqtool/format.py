@@ -41,7 +41,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 MANIFEST = "dgq_manifest.json"
 CHANNELWISE = -1  # group_size of one group per input row (GPTQ's convention)
-ACTIVATIONS = ("dynamic", "static")
+# mixed: static except the linears in per_token_linears (full module names), which keep per-token scales
+ACTIVATIONS = ("dynamic", "static", "mixed")
 INPUT_SCALE = "input_scale"
 ONLINE_SIGNS, ONLINE_PALEY = "online_signs", "online_paley"
 SCALE_DTYPE = torch.float16  # float scales in a checkpoint; search artifacts keep float32
@@ -140,7 +141,10 @@ def without_guard(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------- config block
 
 
-def quantization_config(adapter, fmt: str, method: str, group: int, act: str, dtype: torch.dtype) -> dict:
+def quantization_config(adapter, fmt: str, method: str, group: int, act: str, dtype: torch.dtype,
+                        per_token: list[str] | None = None) -> dict:
+    """per_token: under static activations, the linears (full module names) that kept per-token scales."""
+    mixed = {"activation": "mixed", "per_token_linears": sorted(per_token)} if act == "static" and per_token else {}
     return {
         "quant_method": QUANT_METHOD,
         "format": fmt,
@@ -153,7 +157,7 @@ def quantization_config(adapter, fmt: str, method: str, group: int, act: str, dt
         "compute_dtype": str(dtype).removeprefix("torch."),
         "quantized_linears": list(adapter.linear_names()),
         "ignore": [*adapter.ignore, "embeddings"],
-    }
+    } | mixed
 
 
 def config_problems(config: dict) -> list[str]:
@@ -175,7 +179,22 @@ def config_problems(config: dict) -> list[str]:
         (q.get("activation") in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}, got {q.get('activation')!r}"),
         (q.get("compute_dtype") in DTYPES, f"compute_dtype must be one of {', '.join(DTYPES)}, got {q.get('compute_dtype')!r}"),
     ]
-    return [message for ok, message in checks if not ok] + _online_problems(q)
+    return [message for ok, message in checks if not ok] + _per_token_problems(q) + _online_problems(q)
+
+
+def _per_token_problems(q: dict) -> list[str]:
+    names = q.get("per_token_linears")
+    if q.get("activation") != "mixed":
+        return [] if names is None else [f"per_token_linears is only for activation 'mixed', got {q.get('activation')!r}"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        return [f"activation 'mixed' needs per_token_linears, a non-empty list of linear names, got {names!r}"]
+    return []
+
+
+def static_input(q: dict):
+    """name (full module name) -> whether that linear's input has a static scale, from a checked config."""
+    per_token = frozenset(q.get("per_token_linears", ()))
+    return lambda name: q["activation"] == "static" or (q["activation"] == "mixed" and name not in per_token)
 
 
 def _online_problems(q: dict) -> list[str]:

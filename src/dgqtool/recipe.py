@@ -80,6 +80,10 @@ class Recipe:
     group: int = _option(128, "Weight group size.", (SEARCH,), low=1, high=1_000_000)
     act: str = _option("dynamic", "Activation quantization: per token (dynamic) or one calibrated scale (static).", (SEARCH,),
                        choices=("dynamic", "static"))
+    dynamic_above: float | None = _option(
+        None, "With --act static: an input whose largest calibration token peaks above R x the mean token's abs-max "
+        "(a massive activation, which one scale per tensor cannot hold) keeps per-token scales; the checkpoint "
+        "records those linears (activation 'mixed').", (SEARCH,), low=1, open_low=True)
     grid1: int = _option(20, "Phase-1 (group) clipping grid points.", (SEARCH,), low=1, high=10_000)
     grid2: int | None = _option(None, "Phase-2 (channel) clipping grid points.", (SEARCH,), low=1, high=10_000)
     objective: str = _option("xhat", "Search error on xhat (paper, int8 activations) or x (authors' code).", (SEARCH,),
@@ -115,6 +119,8 @@ class Recipe:
                  if self.max_column_growth == PRESETS[self.recipe].get("max_column_growth") else "")
         if self.max_column_growth is not None and self.smooth == "none":
             raise DGQError(f"--max-column-growth caps smoothing, but --smooth is none{named}")
+        if self.dynamic_above is not None and self.act != "static":
+            raise DGQError("--dynamic-above picks the inputs that stay per token under --act static; add --act static")
         if self.max_column_growth is not None and self.act == "static":
             raise DGQError(f"--max-column-growth is for dynamic activations (with --act static it breaks the model){named}")
 
@@ -181,7 +187,7 @@ def options_for(command: str) -> list[dataclasses.Field]:
 # Options that change each stage's result (and therefore its fingerprint).
 CALIBRATE_OPTIONS = ("calib_data", "nsamples", "seqlen", "seed", "dtype", "rotate", "online_rotation")
 SMOOTH_OPTIONS = ("smooth", "percentile", "alpha", "max_column_growth")
-SEARCH_OPTIONS = ("scheme", "method", "group", "act", "grid1", "grid2", "objective", "refine", "gptq", "symmetric")
+SEARCH_OPTIONS = ("scheme", "method", "group", "act", "dynamic_above", "grid1", "grid2", "objective", "refine", "gptq", "symmetric")
 
 
 def preset(name: str) -> Recipe:

@@ -19,7 +19,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..checkpoint import check_quantized_modules, packed_problem, replace_linears
 from ..errors import DGQError
-from ..format import QUANT_METHOD, WEIGHTS, checked_config, group_of, guard_key, online_rotations, tensor_header
+from ..format import (QUANT_METHOD, WEIGHTS, checked_config, group_of, guard_key, online_rotations, static_input,
+                      tensor_header)
 from ..nn.dgq_linear import FORMATS
 
 
@@ -42,8 +43,9 @@ class DGQHfQuantizer(HfQuantizer):
         q = checked_config(path)["quantization_config"]
         header = tensor_header(path / WEIGHTS)
         model._keys_to_ignore_on_load_unexpected.add(re.escape(guard_key(header)))
-        replace_linears(model, FORMATS[q["format"]], model.dtype, q["activation"] == "static",
-                        lambda linear, where: group_of(q, linear.in_features, where), online_rotations(q), path)
+        replace_linears(model, FORMATS[q["format"]], model.dtype, static_input(q),
+                        lambda linear, where: group_of(q, linear.in_features, where), online_rotations(q), path,
+                        tuple(q.get("per_token_linears", ())))
         problem = packed_problem(model, header)
         if problem:
             raise DGQError(f"{path}: {problem}")

@@ -20,11 +20,16 @@ from ..resources import Usage
 from .graph import Context, input_key
 
 
+STATISTICS = "channel abs-max, weight column abs-max, token abs-max mean"
+
+
 class _ChannelMaxima:
-    """Hooks recording max |x| per input channel of every input group, rejecting NaN/inf."""
+    """Hooks recording max |x| per input channel of every input group, and the sum and count of the
+    tokens' abs-maxima (how far the largest token stands out), rejecting NaN/inf."""
 
     def __init__(self, adapter: Adapter, stats: dict[str, torch.Tensor]):
         self.adapter, self.stats = adapter, stats
+        self.token_sums: dict[str, torch.Tensor] = {}
 
     def attach(self, index: int, layer: nn.Module) -> list:
         handles = []
@@ -35,8 +40,11 @@ class _ChannelMaxima:
                 x = args[0].detach()
                 if not torch.isfinite(x).all():
                     raise DGQError(f"non-finite calibration activations at the input of layer {key}")
-                m = x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu()
+                rows = x.reshape(-1, x.shape[-1]).abs()
+                m = rows.amax(0).float().cpu()
                 self.stats[key] = m if key not in self.stats else torch.maximum(self.stats[key], m)
+                total = torch.tensor([rows.amax(1).double().sum().item(), rows.shape[0]], dtype=torch.float64)
+                self.token_sums[key] = total + self.token_sums.get(key, 0)
 
             handles.append(layer.get_submodule(group.linears[0]).register_forward_pre_hook(hook))
         return handles
@@ -52,7 +60,8 @@ def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -
     model_spec = canonical_spec(model_spec)
     digest = model_digest(model_spec)
     text = load_corpus(r.calib_data, "train", r.data_dir)
-    inputs = {"model": digest, "calib_text": text_digest(text)}
+    # what the statistics hold: a cached run without the token means is not reused
+    inputs = {"model": digest, "calib_text": text_digest(text), "statistics": STATISTICS}
     options = {"model": model_spec, **r.subset(CALIBRATE_OPTIONS)}
     done, inputs, _ = ctx.open("calibrate", options, inputs=inputs)
     if done is not None:
@@ -81,14 +90,16 @@ def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -
             if can_fold(layer, group) and online_rotation_of(layer.get_submodule(group.linears[0])) is None:
                 foldable.append(key)
     maxima: dict[str, torch.Tensor] = {}
+    capture = _ChannelMaxima(adapter, maxima)
     with ctx.reporter.task(f"calibrate {len(tokens)}x{tokens.shape[1]} tokens", len(layers)) as step:
-        routed = run_layers(model, adapter, tokens, _ChannelMaxima(adapter, maxima), ctx.device, r.batch_size,
+        routed = run_layers(model, adapter, tokens, capture, ctx.device, r.batch_size,
                             on_layer=lambda i: step.advance(f"calibrate (layer {i + 1}/{len(layers)})"))
     if routed:
         idle = sum(c == 0 for counts in routed.values() for c in counts)
         ctx.reporter.info(f"calibrate: {idle} of {sum(map(len, routed.values()))} experts got no routed tokens; "
                           "every expert's statistics use all tokens (all-expert capture)")
     stats.update({f"{k}.act_absmax": v for k, v in maxima.items()})
+    stats.update({f"{k}.token_absmax_mean": (v[0] / v[1]).float().reshape(1) for k, v in capture.token_sums.items()})
     digest = write_tensors(ctx.stage_dir("calibrate") / "stats.safetensors", {"tokens": tokens, **stats})
     return write_manifest(
         ctx.stage_dir("calibrate"), "calibrate", options, inputs, {"stats.safetensors": digest},

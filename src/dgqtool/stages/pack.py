@@ -45,6 +45,12 @@ def _online_orders(model, adapter) -> dict[str, tuple[int, int]]:
             for name, m in layer_linears(decoder_layers(model, adapter)[0], adapter).items() if m.online_signs is not None}
 
 
+def _per_token_linears(model, adapter) -> list[str]:
+    """The packed linears without a static input scale (all of them under dynamic activations)."""
+    return [f"{adapter.layers}.{index}.{name}" for index, layer in enumerate(decoder_layers(model, adapter))
+            for name, m in layer_linears(layer, adapter).items() if m.input_scale is None]
+
+
 def _pack_options(output: Path) -> dict:
     return {"output": str(output.resolve())}
 
@@ -57,13 +63,16 @@ def pack(ctx: Context, output: Path) -> dict:
     model, tokenizer, adapter, fmt, search_manifest, calib = quantized_model(ctx)
     opts = search_manifest["options"]
     dtype = next(model.parameters()).dtype
-    qconfig = quantization_config(adapter, fmt, opts["method"], opts["group"], opts["act"], dtype)
+    qconfig = quantization_config(adapter, fmt, opts["method"], opts["group"], opts["act"], dtype,
+                                  _per_token_linears(model, adapter))
     qconfig["source_model_sha256"] = calib["inputs"]["model"]  # lets verify tell a wrong reference model
     qconfig = with_rotation(qconfig, rotation_of(calib), calib["options"]["seed"], _online_orders(model, adapter))
     manifest = write_checkpoint(model, tokenizer, qconfig, output, force=True)
     write_manifest(ctx.stage_dir("pack"), "pack", _pack_options(output), {"search": search_manifest["fingerprint"]}, {},
                    checkpoint=manifest["files"], resources=usage.snapshot())
-    ctx.reporter.info(f"pack: wrote {output} ({fmt} format, {opts['method']}, g{opts['group']}, {opts['act']})")
+    per_token = len(qconfig.get("per_token_linears", ()))
+    act = f"mixed: static, {per_token} linears per token" if per_token else opts["act"]
+    ctx.reporter.info(f"pack: wrote {output} ({fmt} format, {opts['method']}, g{opts['group']}, {act})")
     return manifest
 
 

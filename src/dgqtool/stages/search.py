@@ -34,8 +34,10 @@ class _LayerSearch:
     """Per layer: accumulate second moments of each (smoothed) linear input, search every linear,
     save the layer's parameters, and leave fake-quantized weights in the layer for propagation."""
 
-    def __init__(self, ctx: Context, adapter: Adapter, scales: dict[str, torch.Tensor], layer_fp: str, step):
+    def __init__(self, ctx: Context, adapter: Adapter, scales: dict[str, torch.Tensor], per_token: set[str],
+                 layer_fp: str, step):
         self.ctx, self.adapter, self.scales, self.layer_fp, self.step = ctx, adapter, scales, layer_fp, step
+        self.per_token = per_token  # inputs kept per token under --act static (--dynamic-above)
         self.moments: dict[str, SecondMoments] = {}
         self.results: list[dict[str, Any]] = []
         self.done: dict[int, dict[str, torch.Tensor]] = {}
@@ -44,7 +46,7 @@ class _LayerSearch:
         return self.ctx.stage_dir("search") / f"layer_{index:03d}.safetensors"
 
     def static_scale(self, index: int, group: InputGroup) -> torch.Tensor | None:
-        if self.ctx.recipe.act != "static":
+        if self.ctx.recipe.act != "static" or input_key(index, group) in self.per_token:
             return None
         return static_input_scale(self.scales[f"{input_key(index, group)}.act_absmax"]).to(self.ctx.device)
 
@@ -114,6 +116,14 @@ class _LayerSearch:
         return True
 
 
+def massive_token_inputs(stats: dict[str, torch.Tensor], ratio: float | None) -> set[str]:
+    """The inputs whose largest calibration token's abs-max exceeds `ratio` x the mean token's."""
+    if ratio is None:
+        return set()
+    keys = [k.removesuffix(".token_absmax_mean") for k in stats if k.endswith(".token_absmax_mean")]
+    return {k for k in keys if stats[f"{k}.act_absmax"].max() > ratio * stats[f"{k}.token_absmax_mean"].max()}
+
+
 def search(ctx: Context) -> dict:
     r = ctx.recipe
     options = r.subset(SEARCH_OPTIONS)
@@ -127,7 +137,11 @@ def search(ctx: Context) -> dict:
     layers = decoder_layers(model, adapter)
     layer_fp = fingerprint({"options": options, "inputs": inputs, "format": FORMAT_VERSION})
     with ctx.reporter.task(f"search ({r.method}, g{r.group}, {r.act}, grid {r.grid1}x{r.grid2})", len(layers)) as step:
-        visitor = _LayerSearch(ctx, adapter, scales, layer_fp, step)
+        per_token = massive_token_inputs(stats, r.dynamic_above)
+        if per_token:
+            ctx.reporter.info(f"search: {len(per_token)} inputs keep per-token scales (a token above {r.dynamic_above:g}x "
+                              f"the mean token): {', '.join(sorted(per_token))}")
+        visitor = _LayerSearch(ctx, adapter, scales, per_token, layer_fp, step)
         run_layers(model, adapter, stats["tokens"], visitor, ctx.device, r.batch_size)
     outputs = {f"layer_{i:03d}.safetensors": sha256_file(visitor.path(i)) for i in range(len(layers))}
     ctx.reporter.table(error_table(visitor.results))
