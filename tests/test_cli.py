@@ -125,8 +125,6 @@ def test_static_keeps_massive_token_inputs_per_token(llama_ckpt, tiny_llama, cor
     refused = dgq("export", out, "-o", tmp_path / "ct", "--format", "compressed-tensors")
     assert refused.exit_code == 2 and "error:" in refused.output and "cannot express" in refused.output
     assert not (tmp_path / "ct").exists()
-    wrong = quantize(tiny_llama, tmp_path / "x", corpus_file, "-w", work, "--dynamic-above", "4")
-    assert wrong.exit_code == 2 and "add --act static" in wrong.output and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("method,module_type", [("rtn-dg", DGQLinear), ("groupwise", GroupW4A8Linear), ("rtn", GroupW4A8Linear)])
@@ -277,6 +275,15 @@ def test_shipped_configs_load():
     assert recipes["smollm2-g64-gptq"].gptq and recipes["smollm2-g64-gptq"].group == 64
     assert not recipes["smollm2-g64"].gptq
     assert recipes["smollm2-g64-capped"].max_column_growth == 1.0
+
+
+def test_options_that_need_another_say_which(tiny_llama, corpus_file, tmp_path):
+    """--act-order without --gptq and --dynamic-above without --act static: one error line, exit 2,
+    before any stage runs."""
+    for extra, hint in ((["--act-order"], "add --gptq"), (["--dynamic-above", "4"], "add --act static")):
+        result = quantize(tiny_llama, tmp_path / "out", corpus_file, "-w", tmp_path / "w", *extra)
+        assert result.exit_code == 2 and hint in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "out").exists() and not (tmp_path / "w" / "calibrate").exists()
 
 
 def test_named_recipes_are_the_base_that_configs_and_flags_override(monkeypatch, tmp_path):

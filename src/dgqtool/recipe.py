@@ -90,6 +90,8 @@ class Recipe:
                              choices=("xhat", "x"))
     refine: bool = _option(False, "DGQ phase 3 (ours): per-group floor/ceil of S2 and zp +-1.", (SEARCH,))
     gptq: bool = _option(False, "Assign codes on the searched grid by GPTQ error feedback.", (SEARCH,))
+    act_order: bool = _option(False, "With --gptq: quantize the columns in order of decreasing input energy "
+                              "(GPTQ's act-order, each column on its own group's searched grid).", (SEARCH,))
     symmetric: bool = _option(False, "Symmetric 4-bit codes: every zero point 8, the scales searched alone (the "
                               "compressed-tensors variant vLLM runs on Hopper at --group 128).", (SEARCH,))
 
@@ -119,6 +121,8 @@ class Recipe:
                  if self.max_column_growth == PRESETS[self.recipe].get("max_column_growth") else "")
         if self.max_column_growth is not None and self.smooth == "none":
             raise DGQError(f"--max-column-growth caps smoothing, but --smooth is none{named}")
+        if self.act_order and not self.gptq:
+            raise DGQError("--act-order orders GPTQ's columns; add --gptq")
         if self.dynamic_above is not None and self.act != "static":
             raise DGQError("--dynamic-above picks the inputs that stay per token under --act static; add --act static")
         if self.max_column_growth is not None and self.act == "static":
@@ -187,7 +191,7 @@ def options_for(command: str) -> list[dataclasses.Field]:
 # Options that change each stage's result (and therefore its fingerprint).
 CALIBRATE_OPTIONS = ("calib_data", "nsamples", "seqlen", "seed", "dtype", "rotate", "online_rotation")
 SMOOTH_OPTIONS = ("smooth", "percentile", "alpha", "max_column_growth")
-SEARCH_OPTIONS = ("scheme", "method", "group", "act", "dynamic_above", "grid1", "grid2", "objective", "refine", "gptq", "symmetric")
+SEARCH_OPTIONS = ("scheme", "method", "group", "act", "dynamic_above", "grid1", "grid2", "objective", "refine", "gptq", "act_order", "symmetric")
 
 
 def preset(name: str) -> Recipe:

@@ -36,10 +36,18 @@ def _inverse_hessian_factor(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.
     return lower, torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
-def gptq_codes(w: torch.Tensor, weight: QuantizedWeight, cross: torch.Tensor, quad: torch.Tensor) -> torch.Tensor:
-    """Codes (o, h) uint8 on weight's grid for float weights w (o, h), cross = X^T X_hat, quad = X_hat^T X_hat."""
+def gptq_codes(w: torch.Tensor, weight: QuantizedWeight, cross: torch.Tensor, quad: torch.Tensor,
+               act_order: bool = False) -> torch.Tensor:
+    """Codes (o, h) uint8 on weight's grid for float weights w (o, h), cross = X^T X_hat, quad = X_hat^T X_hat.
+    act_order: the columns in order of decreasing quad diagonal (the inputs with the most energy first,
+    while the most columns remain to absorb their error), each still on its own group's grid; the
+    least-squares target and the error feedback are the same in any column order."""
     step, zero, lo, hi = _grid(weight)
     group = weight.group
+    order = torch.argsort(quad.diagonal(), descending=True, stable=True) if act_order else None
+    if order is not None:
+        w, cross, quad = w[:, order], cross[order][:, order], quad[order][:, order]
+    column_group = (torch.arange(w.shape[1]) if order is None else order.cpu()) // group
     lower, upper = _inverse_hessian_factor(quad.double())
     # t = w + w (A - B) H^-1: exactly w when A = B, whatever the dampening
     shift = torch.cholesky_solve((w.double() @ (cross.double() - quad.double())).T, lower).T
@@ -51,19 +59,22 @@ def gptq_codes(w: torch.Tensor, weight: QuantizedWeight, cross: torch.Tensor, qu
         block = target[:, start:end].clone()
         errors = torch.empty_like(block)
         for i in range(end - start):
-            k = (start + i) // group
+            k = int(column_group[start + i])
             column = block[:, i]
             code = torch.clamp(torch.round(column / step[:, k]) + zero[:, k], lo[:, k], hi[:, k])
             codes[:, start + i] = code
             errors[:, i] = (column - (code - zero[:, k]) * step[:, k]) / upper[start + i, start + i]
             block[:, i:] -= errors[:, i : i + 1] * upper[start + i, start + i : end]
         target[:, end:] -= errors @ upper[start:end, end:]
+    if order is not None:
+        codes = codes[:, torch.argsort(order)]
     return codes.to(torch.uint8)
 
 
-def with_gptq_codes(w: torch.Tensor, weight: QuantizedWeight, cross: torch.Tensor, quad: torch.Tensor) -> QuantizedWeight:
+def with_gptq_codes(w: torch.Tensor, weight: QuantizedWeight, cross: torch.Tensor, quad: torch.Tensor,
+                    act_order: bool = False) -> QuantizedWeight:
     """The same grid as weight, its codes re-assigned by GPTQ."""
-    codes = gptq_codes(w, weight, cross, quad)
+    codes = gptq_codes(w, weight, cross, quad, act_order)
     if isinstance(weight, DualGrainedWeight):
         return DualGrainedWeight(codes=codes, zero=weight.zero, s2=weight.s2, s1=weight.s1)
     return GroupWeight(codes=codes, zero=weight.zero, scale=weight.scale)

@@ -235,9 +235,10 @@ def search_weight(
     refine: bool = False,
     gptq: bool = False,
     symmetric: bool = False,
+    act_order: bool = False,
 ) -> QuantizedWeight:
     """The quantized weight of one linear (o, h) with the given method (no error report);
-    symmetric: every zero point 8."""
+    symmetric: every zero point 8; act_order: GPTQ's columns by decreasing X_hat^T X_hat diagonal."""
     w = w.float()
     if method == "rtn-dg":
         result: QuantizedWeight = rtn_dual_grained(w, group, symmetric)
@@ -254,7 +255,7 @@ def search_weight(
         scale, zero = search_group_scales(w, moments, g, grid, objective, symmetric)
         result = _group_weight(w, scale, zero, g)
     if gptq:
-        result = with_gptq_codes(w, result, *moments.objective(objective))
+        result = with_gptq_codes(w, result, *moments.objective(objective), act_order=act_order)
     return result
 
 

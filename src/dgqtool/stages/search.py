@@ -94,7 +94,7 @@ class _LayerSearch:
             results: list[SearchResult] = quantize_weights(  # the group's linears as stacked rows
                 [layer.get_submodule(name).weight.detach() for name in group.linears], moments,
                 method=r.method, group=r.group, grid1=r.grid1, grid2=r.grid2, objective=r.objective,
-                refine=r.refine, gptq=r.gptq, symmetric=r.symmetric,
+                refine=r.refine, gptq=r.gptq, symmetric=r.symmetric, act_order=r.act_order,
             )
             for name, result in zip(group.linears, results):
                 tensors.update(linear_tensors(name, result.weight, torch.float32))  # search keeps float32 scales
