@@ -101,7 +101,8 @@ def test_changed_option_reruns_only_downstream_stages(llama_ckpt, tiny_llama, co
 def test_static_keeps_massive_token_inputs_per_token(llama_ckpt, tiny_llama, corpus_file, tmp_path):
     """--dynamic-above R: the inputs whose largest calibration token passes R x the mean token's
     abs-max keep per-token scales, the others get a static one; the checkpoint says 'mixed' and
-    lists the per-token linears, loads and verifies; export to compressed-tensors refuses it."""
+    lists the per-token linears, loads and verifies; the compressed-tensors export names them in a
+    per-token config group next to the static one, and loads back with the same split."""
     from dgqtool.models.adapters import adapter_for_model
 
     work = llama_ckpt.with_name(llama_ckpt.name + ".work")
@@ -122,9 +123,17 @@ def test_static_keeps_massive_token_inputs_per_token(llama_ckpt, tiny_llama, cor
     dgq_modules = {n: m for n, m in model.named_modules() if isinstance(m, DGQLinear)}
     assert {n for n, m in dgq_modules.items() if m.input_scale is None} == expected
     assert all(m.input_scale.item() > 0 for n, m in dgq_modules.items() if n not in expected)
-    refused = dgq("export", out, "-o", tmp_path / "ct", "--format", "compressed-tensors")
-    assert refused.exit_code == 2 and "error:" in refused.output and "cannot express" in refused.output
-    assert not (tmp_path / "ct").exists()
+    exported = dgq("export", out, "-o", tmp_path / "ct", "--format", "compressed-tensors")
+    assert exported.exit_code == 0, exported.output
+    from compressed_tensors.quantization import QuantizationConfig
+
+    block = QuantizationConfig.model_validate(json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"])
+    static_group, token_group = block.config_groups["group_0"], block.config_groups["group_1"]
+    assert not static_group.input_activations.dynamic and token_group.input_activations.dynamic
+    assert set(token_group.targets) == expected and set(static_group.targets) == set(dgq_modules) - expected
+    back, _, _ = load_checkpoint(tmp_path / "ct")
+    assert {n for n, m in back.named_modules() if hasattr(m, "input_scale") and m.input_scale is None} == expected
+    assert all(torch.equal(back.get_submodule(n).input_scale, m.input_scale) for n, m in dgq_modules.items() if n not in expected)
 
 
 @pytest.mark.parametrize("method,module_type", [("rtn-dg", DGQLinear), ("groupwise", GroupW4A8Linear), ("rtn", GroupW4A8Linear)])

@@ -75,10 +75,11 @@ def load_compressed_tensors(path: str | Path, device: str = "cpu"):
     path = Path(path)
     config = read_json(path / "config.json")
     q = config.get("quantization_config") or {}
-    scheme = (q.get("config_groups") or {}).get("group_0", {})
-    weights = scheme.get("weights", {})
-    if q.get("format") != "pack-quantized" or weights.get("num_bits") != 4 or weights.get("strategy") != "group":
-        raise DGQError(f"{path}: not a 4-bit group pack-quantized compressed-tensors checkpoint")
+    groups = list((q.get("config_groups") or {}).values())
+    weights = groups[0].get("weights", {}) if groups and isinstance(groups[0], dict) else {}
+    if (q.get("format") != "pack-quantized" or weights.get("num_bits") != 4 or weights.get("strategy") != "group"
+            or any(not isinstance(g, dict) or g.get("weights") != weights for g in groups)):
+        raise DGQError(f"{path}: not a 4-bit group pack-quantized compressed-tensors checkpoint (one weight scheme)")
     if (path / MANIFEST).is_file():  # written by `dgq export`: every file checked as for a dgq checkpoint
         check_files(path)
     state = read_tensors(path / WEIGHTS)
@@ -95,11 +96,29 @@ def load_compressed_tensors(path: str | Path, device: str = "cpu"):
         packed = group_format.encode(GroupWeight(codes.to(torch.uint8), zero.to(torch.uint8), scale), scale_dtype)
         state.update({f"{prefix}.{name}": tensor for name, tensor in packed.items()})
     dtype = DTYPES.get(config.get("torch_dtype") or config.get("dtype") or "float16", torch.float16)
-    static = not scheme.get("input_activations", {}).get("dynamic", True)
     group = int(weights["group_size"])
     module_type = functools.partial(FORMATS[group_format.name], scale_dtype=scale_dtype)
-    model = _quantized_model(path, state, module_type, dtype, lambda _name: static, lambda linear, where: group)
+    model = _quantized_model(path, state, module_type, dtype, _static_by_targets(groups),
+                             lambda linear, where: group)
     return model.to(device).eval(), tokenizer(path), q
+
+
+def _static_by_targets(groups: list[dict]):
+    """name -> whether the config group that targets the linear (by its name, else by "Linear")
+    reads a static input scale."""
+    def static(group: dict) -> bool:
+        return not (group.get("input_activations") or {}).get("dynamic", True)
+
+    by_name = {t: static(g) for g in groups for t in g.get("targets", []) if t != "Linear"}
+    default = next((static(g) for g in groups if "Linear" in g.get("targets", [])), None)
+
+    def of(name: str) -> bool:
+        if name in by_name:
+            return by_name[name]
+        if default is None:
+            raise DGQError(f"no config group targets {name}")
+        return default
+    return of
 
 
 def tokenizer(path: Path):

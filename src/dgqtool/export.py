@@ -29,13 +29,23 @@ SIGNED_OFFSET = 8
 PACKED_FORMAT = "pack-quantized"
 
 
-def _scheme(group: int, symmetric: bool, static: bool):
+def _scheme(group: int, symmetric: bool, static: bool, targets: list[str]):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=group, symmetric=symmetric)
     acts = (QuantizationArgs(num_bits=8, type="int", strategy="tensor", dynamic=False, symmetric=True) if static else
             QuantizationArgs(num_bits=8, type="int", strategy="token", dynamic=True, symmetric=True))
-    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts, format=PACKED_FORMAT)
+    return QuantizationScheme(targets=targets, weights=weights, input_activations=acts, format=PACKED_FORMAT)
+
+
+def _config_groups(state: dict[str, torch.Tensor], linears: list[str], group: int, symmetric: bool) -> dict:
+    """One scheme for every Linear, or, where only some linears have a static input scale (a
+    'mixed' checkpoint), a static and a per-token scheme naming their linears."""
+    static = sorted(p for p in linears if f"{p}.input_scale" in state)
+    per_token = sorted(p for p in linears if f"{p}.input_scale" not in state)
+    if static and per_token:
+        return {"group_0": _scheme(group, symmetric, True, static), "group_1": _scheme(group, symmetric, False, per_token)}
+    return {"group_0": _scheme(group, symmetric, bool(static), ["Linear"])}
 
 
 def _combined_scale(weight: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
@@ -49,7 +59,7 @@ def _combined_scale(weight: QuantizedWeight, dtype: torch.dtype) -> tuple[torch.
 
 
 def compressed_state(state: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype):
-    """Returns (tensors, scheme, max scale error): every quantized linear compressed, the rest as is."""
+    """Returns (tensors, config groups, max scale error): every quantized linear compressed, the rest as is."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
 
     weights, out = split_linears(state)
@@ -58,7 +68,8 @@ def compressed_state(state: dict[str, torch.Tensor], qconfig: dict, dtype: torch
     if qconfig["group_size"] == CHANNELWISE:
         raise DGQError("a channel-wise checkpoint has no group-wise compressed-tensors form; export a grouped recipe")
     symmetric = all(bool((w.zero == SIGNED_OFFSET).all()) for w in weights.values())
-    scheme = _scheme(qconfig["group_size"], symmetric, f"{next(iter(weights))}.input_scale" in state)
+    groups = _config_groups(state, list(weights), qconfig["group_size"], symmetric)
+    scheme = groups["group_0"]  # the weights' arguments, the same in every group
     worst = 0.0
     for prefix, qweight in weights.items():
         codes, zero, group = qweight.codes.to(torch.int32), qweight.zero.to(torch.int32), qweight.group
@@ -70,10 +81,10 @@ def compressed_state(state: dict[str, torch.Tensor], qconfig: dict, dtype: torch
                         "weight_zero_point": (zero - SIGNED_OFFSET).to(torch.int8)}
         for name, tensor in PackedQuantizationCompressor.compress(module_state, scheme).items():
             out[f"{prefix}.{name}"] = tensor
-    return out, scheme, worst
+    return out, groups, worst
 
 
-def write_quantization_config(directory: Path, config: dict, scheme) -> None:
+def write_quantization_config(directory: Path, config: dict, groups: dict) -> None:
     """config.json with compressed-tensors' block as its own ModelCompressor writes it (version,
     per-scheme and global format, status)."""
     from compressed_tensors.compressors import ModelCompressor
@@ -81,7 +92,7 @@ def write_quantization_config(directory: Path, config: dict, scheme) -> None:
 
     write_json(directory / CONFIG, {k: v for k, v in config.items() if k != "quantization_config"})
     ignore = list(adapter_for(config["model_type"]).ignore)  # lm_head, routers, a vision tower
-    qconfig = QuantizationConfig(config_groups={"group_0": scheme}, format=PACKED_FORMAT,
+    qconfig = QuantizationConfig(config_groups=groups, format=PACKED_FORMAT,
                                  quantization_status="compressed", ignore=ignore)
     ModelCompressor(quantization_config=qconfig).update_config(str(directory))
 
@@ -104,16 +115,12 @@ def export_checkpoint(src: Path, out: Path, fmt: str = "compressed-tensors", for
         if online:
             raise DGQError(f"{src} rotates the input of {', '.join(online)} online (--online-rotation), which a "
                            "compressed-tensors checkpoint cannot express; quantize without it to export")
-        if qconfig["activation"] == "mixed":
-            raise DGQError(f"{src} keeps per-token scales on {len(qconfig['per_token_linears'])} linears under static "
-                           "activations (--dynamic-above), which one compressed-tensors scheme cannot express; "
-                           "quantize without it to export")
         try:
             import compressed_tensors  # noqa: F401
         except ImportError as exc:
             raise DGQError(f"compressed-tensors export needs the package ({exc}): pip install compressed-tensors") from None
         dtype = DTYPES.get(qconfig.get("compute_dtype"), torch.float16)
-        tensors, scheme, scale_error = compressed_state(state, qconfig, dtype)
+        tensors, groups, scale_error = compressed_state(state, qconfig, dtype)
         summary["max_scale_rel_error"], summary["scale_dtype"] = scale_error, str(dtype).removeprefix("torch.")
 
         def contents(tmp: Path) -> dict[str, str]:
@@ -121,7 +128,7 @@ def export_checkpoint(src: Path, out: Path, fmt: str = "compressed-tensors", for
                 if path.is_file() and path.name not in {WEIGHTS, CONFIG, MANIFEST}:
                     shutil.copy2(path, tmp / path.name)
             digest = write_tensors(tmp / WEIGHTS, tensors, {"format": "pt"})
-            write_quantization_config(tmp, config, scheme)
+            write_quantization_config(tmp, config, groups)
             return {WEIGHTS: digest}
 
     summary["files"] = write_dir(out, force, contents)["files"]
