@@ -98,6 +98,36 @@ def test_changed_option_reruns_only_downstream_stages(llama_ckpt, tiny_llama, co
     assert model.model.layers[0].self_attn.q_proj.input_scale.item() > 0
 
 
+def test_calibration_records_channel_maxima_and_the_mean_token_maximum(tiny_llama):
+    """Over two batches of different sizes: max |x| per channel and the mean over all tokens of each
+    token's max |x|, as computed directly on the concatenated inputs."""
+    from transformers import AutoModelForCausalLM
+
+    from dgqtool.models.adapters import adapter_for_model, decoder_layers
+    from dgqtool.stages.calibrate import _ChannelMaxima
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    adapter = adapter_for_model(model)
+    stats: dict = {}
+    capture = _ChannelMaxima(adapter, stats)
+    layer = decoder_layers(model, adapter)[0]
+    handles = capture.attach(0, layer)
+    group = adapter.inputs[0]
+    linear = layer.get_submodule(group.linears[0])
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 5, linear.in_features, generator=gen), torch.randn(1, 3, linear.in_features, generator=gen) * 7]
+    with torch.no_grad():
+        for x in batches:
+            linear(x)
+    for h in handles:
+        h.remove()
+    rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in batches]).abs()
+    key = f"0.{group.linears[0]}"
+    assert torch.equal(stats[key], rows.amax(0))
+    total, count = capture.token_sums[key]
+    assert count == 13 and (total / count).item() == pytest.approx(rows.amax(1).double().mean().item(), rel=1e-12)
+
+
 def test_static_keeps_massive_token_inputs_per_token(llama_ckpt, tiny_llama, corpus_file, tmp_path):
     """--dynamic-above R: the inputs whose largest calibration token passes R x the mean token's
     abs-max keep per-token scales, the others get a static one; the checkpoint says 'mixed' and
@@ -134,6 +164,14 @@ def test_static_keeps_massive_token_inputs_per_token(llama_ckpt, tiny_llama, cor
     back, _, _ = load_checkpoint(tmp_path / "ct")
     assert {n for n, m in back.named_modules() if hasattr(m, "input_scale") and m.input_scale is None} == expected
     assert all(torch.equal(back.get_submodule(n).input_scale, m.input_scale) for n, m in dgq_modules.items() if n not in expected)
+    # a foreign writer's targets: "re:" patterns for the per-token group, "Linear" for the rest
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
+    groups["group_0"]["targets"], groups["group_1"]["targets"] = ["Linear"], [f"re:{n.replace('.', '[.]')}" for n in expected]
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "ct" / "dgq_manifest.json").unlink()  # a foreign checkpoint has none
+    foreign, _, _ = load_checkpoint(tmp_path / "ct")
+    assert {n for n, m in foreign.named_modules() if hasattr(m, "input_scale") and m.input_scale is None} == expected
 
 
 @pytest.mark.parametrize("method,module_type", [("rtn-dg", DGQLinear), ("groupwise", GroupW4A8Linear), ("rtn", GroupW4A8Linear)])
@@ -286,13 +324,17 @@ def test_shipped_configs_load():
     assert recipes["smollm2-g64-capped"].max_column_growth == 1.0
 
 
-def test_options_that_need_another_say_which(tiny_llama, corpus_file, tmp_path):
-    """--act-order without --gptq and --dynamic-above without --act static: one error line, exit 2,
-    before any stage runs."""
-    for extra, hint in ((["--act-order"], "add --gptq"), (["--dynamic-above", "4"], "add --act static")):
-        result = quantize(tiny_llama, tmp_path / "out", corpus_file, "-w", tmp_path / "w", *extra)
-        assert result.exit_code == 2 and hint in result.output and "Traceback" not in result.output
-        assert not (tmp_path / "out").exists() and not (tmp_path / "w" / "calibrate").exists()
+def test_dynamic_above_needs_static_activations(tiny_llama, corpus_file, tmp_path):
+    """--dynamic-above without --act static: one error line, exit 2, before any stage runs; the
+    default recipe (which sets --act-order) still runs with --no-gptq (nothing to order)."""
+    result = quantize(tiny_llama, tmp_path / "out", corpus_file, "-w", tmp_path / "w", "--dynamic-above", "4")
+    assert result.exit_code == 2 and "add --act static" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "w" / "calibrate").exists()
+    from dgqtool import recipe as r
+
+    plain = r.preset(r.DEFAULT_PRESET).with_overrides(gptq=False)
+    assert plain.act_order and not plain.gptq
+    plain.validate()
 
 
 def test_named_recipes_are_the_base_that_configs_and_flags_override(monkeypatch, tmp_path):

@@ -165,6 +165,22 @@ def test_run_and_load_checkpoint_accept_an_export_in_its_scale_dtype(quantized):
     assert "tokens/s" in result.output
 
 
+def test_a_single_config_group_applies_whatever_it_targets(quantized, tmp_path):
+    """A foreign compressed-tensors checkpoint whose one group targets "re:" patterns loads as
+    before: the only group is every linear's."""
+    import shutil
+
+    _, summary = quantized
+    foreign = tmp_path / "foreign"
+    shutil.copytree(summary["export"]["output"], foreign)
+    (foreign / "dgq_manifest.json").unlink()
+    config = json.loads((foreign / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["targets"] = ["re:.*proj"]
+    (foreign / "config.json").write_text(json.dumps(config))
+    model, _, _ = load_checkpoint(foreign)
+    assert isinstance(model.model.layers[1].mlp.down_proj, GroupW4A8Linear)
+
+
 def test_folding_error_is_reported_in_the_checkpoint_dtype():
     from dgqtool.export import compressed_state
     from dgqtool.format import linear_tensors

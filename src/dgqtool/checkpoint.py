@@ -8,6 +8,7 @@ Nothing is ever run from the checkpoint: every transformers call passes trust_re
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import torch
@@ -104,20 +105,26 @@ def load_compressed_tensors(path: str | Path, device: str = "cpu"):
 
 
 def _static_by_targets(groups: list[dict]):
-    """name -> whether the config group that targets the linear (by its name, else by "Linear")
-    reads a static input scale."""
+    """name -> whether the linear's config group reads a static input scale: the only group, else
+    the group whose targets name it (exactly or by an "re:" pattern), else one targeting "Linear"."""
     def static(group: dict) -> bool:
         return not (group.get("input_activations") or {}).get("dynamic", True)
 
-    by_name = {t: static(g) for g in groups for t in g.get("targets", []) if t != "Linear"}
-    default = next((static(g) for g in groups if "Linear" in g.get("targets", [])), None)
+    if len(groups) == 1:
+        only = static(groups[0])
+        return lambda _name: only
+
+    def names(target: str, name: str) -> bool:
+        return bool(re.fullmatch(target[3:], name)) if target.startswith("re:") else target == name
 
     def of(name: str) -> bool:
-        if name in by_name:
-            return by_name[name]
-        if default is None:
-            raise DGQError(f"no config group targets {name}")
-        return default
+        for group in groups:
+            if any(names(t, name) for t in group.get("targets", []) if t != "Linear"):
+                return static(group)
+        for group in groups:
+            if "Linear" in group.get("targets", []):
+                return static(group)
+        raise DGQError(f"no config group targets {name}")
     return of
 
 

@@ -84,7 +84,8 @@ class Recipe:
     dynamic_above: float | None = _option(
         None, "With --act static: an input whose largest calibration token peaks above R x the mean token's abs-max "
         "(a massive activation, which one scale per tensor cannot hold) keeps per-token scales; the checkpoint "
-        "records those linears (activation 'mixed').", (SEARCH,), low=1, open_low=True)
+        "records those linears (activation 'mixed'). Measured on the calibration input after rotation, before "
+        "smoothing.", (SEARCH,), low=1, open_low=True)
     grid1: int = _option(20, "Phase-1 (group) clipping grid points.", (SEARCH,), low=1, high=10_000)
     grid2: int | None = _option(None, "Phase-2 (channel) clipping grid points.", (SEARCH,), low=1, high=10_000)
     objective: str = _option("xhat", "Search error on xhat (paper, int8 activations) or x (authors' code).", (SEARCH,),
@@ -92,7 +93,8 @@ class Recipe:
     refine: bool = _option(False, "DGQ phase 3 (ours): per-group floor/ceil of S2 and zp +-1.", (SEARCH,))
     gptq: bool = _option(False, "Assign codes on the searched grid by GPTQ error feedback.", (SEARCH,))
     act_order: bool = _option(False, "With --gptq: quantize the columns in order of decreasing input energy "
-                              "(GPTQ's act-order, each column on its own group's searched grid).", (SEARCH,))
+                              "(GPTQ's act-order, each column on its own group's searched grid); without "
+                              "--gptq nothing to order.", (SEARCH,))
     symmetric: bool = _option(False, "Symmetric 4-bit codes: every zero point 8, the scales searched alone (the "
                               "compressed-tensors variant vLLM runs on Hopper at --group 128).", (SEARCH,))
 
@@ -122,8 +124,6 @@ class Recipe:
                  if self.max_column_growth == PRESETS[self.recipe].get("max_column_growth") else "")
         if self.max_column_growth is not None and self.smooth == "none":
             raise DGQError(f"--max-column-growth caps smoothing, but --smooth is none{named}")
-        if self.act_order and not self.gptq:
-            raise DGQError("--act-order orders GPTQ's columns; add --gptq")
         if self.dynamic_above is not None and self.act != "static":
             raise DGQError("--dynamic-above picks the inputs that stay per token under --act static; add --act static")
         if self.max_column_growth is not None and self.act == "static":

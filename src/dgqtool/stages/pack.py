@@ -63,8 +63,10 @@ def pack(ctx: Context, output: Path) -> dict:
     model, tokenizer, adapter, fmt, search_manifest, calib = quantized_model(ctx)
     opts = search_manifest["options"]
     dtype = next(model.parameters()).dtype
-    qconfig = quantization_config(adapter, fmt, opts["method"], opts["group"], opts["act"], dtype,
-                                  _per_token_linears(model, adapter))
+    per_token = _per_token_linears(model, adapter)
+    every = sum(1 for layer in decoder_layers(model, adapter) for _ in layer_linears(layer, adapter))
+    act = "dynamic" if opts["act"] == "static" and len(per_token) == every else opts["act"]  # none kept static
+    qconfig = quantization_config(adapter, fmt, opts["method"], opts["group"], act, dtype, per_token)
     qconfig["source_model_sha256"] = calib["inputs"]["model"]  # lets verify tell a wrong reference model
     qconfig = with_rotation(qconfig, rotation_of(calib), calib["options"]["seed"], _online_orders(model, adapter))
     manifest = write_checkpoint(model, tokenizer, qconfig, output, force=True)

@@ -139,7 +139,7 @@ def search(ctx: Context) -> dict:
     with ctx.reporter.task(f"search ({r.method}, g{r.group}, {r.act}, grid {r.grid1}x{r.grid2})", len(layers)) as step:
         per_token = massive_token_inputs(stats, r.dynamic_above)
         if per_token:
-            ctx.reporter.info(f"search: {len(per_token)} inputs keep per-token scales (a token above {r.dynamic_above:g}x "
+            ctx.reporter.info(f"search: {len(per_token)} inputs keep per-token scales (a token above {r.dynamic_above}x "
                               f"the mean token): {', '.join(sorted(per_token))}")
         visitor = _LayerSearch(ctx, adapter, scales, per_token, layer_fp, step)
         run_layers(model, adapter, stats["tokens"], visitor, ctx.device, r.batch_size)
