@@ -143,8 +143,9 @@ def without_guard(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def quantization_config(adapter, fmt: str, method: str, group: int, act: str, dtype: torch.dtype,
                         per_token: list[str] | None = None) -> dict:
-    """per_token: under static activations, the linears (full module names) that kept per-token scales."""
-    mixed = {"activation": "mixed", "per_token_linears": sorted(per_token)} if act == "static" and per_token else {}
+    """act one of ACTIVATIONS; per_token: under 'mixed', the linears (full module names) that kept
+    per-token scales."""
+    mixed = {"per_token_linears": sorted(per_token)} if act == "mixed" else {}
     return {
         "quant_method": QUANT_METHOD,
         "format": fmt,

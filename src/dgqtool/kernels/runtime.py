@@ -149,11 +149,14 @@ def _stream(device: torch.device) -> int:
     return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _quantizer_buffers(x: torch.Tensor, static_scale: torch.Tensor | None, permuted: bool = False):
+def _quantizer_buffers(x: torch.Tensor, static_scale: torch.Tensor | None, permuted: bool = False,
+                       features: int | None = None):
     """x made contiguous, the int8 codes (M, K; permuted: the wgmma order, K padded to 128) and
-    float32 scales (M, 1) a quantizer kernel fills, and the static scale as float32 (or None)."""
+    float32 scales (M, 1) a quantizer kernel fills, and the static scale as float32 (or None);
+    K = features, the quantized row's width, where it is not x's (silu * mul halves it)."""
     x = x.contiguous()
-    q = torch.empty(x.shape[0], _padded(x.shape[1]) if permuted else x.shape[1], dtype=torch.int8, device=x.device)
+    k = x.shape[1] if features is None else features
+    q = torch.empty(x.shape[0], _padded(k) if permuted else k, dtype=torch.int8, device=x.device)
     scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     return x, q, scale, None if static_scale is None else static_scale.float().contiguous()
 
@@ -201,11 +204,8 @@ def silu_mul_quantize_rows(lib: KernelLibrary, x: torch.Tensor, static_scale: to
     """(M, 2K) fp16/bf16 [gate | up] -> the codes and scales of quantize_rows (or quantize_rows_permuted)
     of silu(gate) * up, (M, K), in one kernel, rounded as torch's ops round act_fn(gate) * up (each
     result to x's dtype); silu_mul_fusable(x) must hold."""
-    x = x.contiguous()
     m, k = x.shape[0], x.shape[1] // 2
-    q = torch.empty(m, _padded(k) if permuted else k, dtype=torch.int8, device=x.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    static = None if static_scale is None else static_scale.float().contiguous()
+    x, q, scale, static = _quantizer_buffers(x, static_scale, permuted, features=k)
     lib.call(f"dgq_silu_mul_quantize_rows_{'perm_' if permuted else ''}{_OUT_SUFFIX[x.dtype]}", x.data_ptr(),
              q.data_ptr(), scale.data_ptr(), None if static is None else static.data_ptr(), m, k, _stream(x.device))
     return q, scale

@@ -47,7 +47,7 @@ def gptq_codes(w: torch.Tensor, weight: QuantizedWeight, cross: torch.Tensor, qu
     order = torch.argsort(quad.diagonal(), descending=True, stable=True) if act_order else None
     if order is not None:
         w, cross, quad = w[:, order], cross[order][:, order], quad[order][:, order]
-    column_group = (torch.arange(w.shape[1]) if order is None else order.cpu()) // group
+    columns = range(w.shape[1]) if order is None else order.tolist()  # each processed column's own index
     lower, upper = _inverse_hessian_factor(quad.double())
     # t = w + w (A - B) H^-1: exactly w when A = B, whatever the dampening
     shift = torch.cholesky_solve((w.double() @ (cross.double() - quad.double())).T, lower).T
@@ -59,7 +59,7 @@ def gptq_codes(w: torch.Tensor, weight: QuantizedWeight, cross: torch.Tensor, qu
         block = target[:, start:end].clone()
         errors = torch.empty_like(block)
         for i in range(end - start):
-            k = int(column_group[start + i])
+            k = columns[start + i] // group
             column = block[:, i]
             code = torch.clamp(torch.round(column / step[:, k]) + zero[:, k], lo[:, k], hi[:, k])
             codes[:, start + i] = code

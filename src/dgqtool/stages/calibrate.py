@@ -24,12 +24,13 @@ STATISTICS = "channel abs-max, weight column abs-max, token abs-max mean"
 
 
 class _ChannelMaxima:
-    """Hooks recording max |x| per input channel of every input group, and the sum and count of the
-    tokens' abs-maxima (how far the largest token stands out), rejecting NaN/inf."""
+    """Hooks recording max |x| per input channel of every input group, and the sum (float64, on the
+    activations' device) and count of the tokens' abs-maxima (how far the largest token stands out),
+    rejecting NaN/inf."""
 
     def __init__(self, adapter: Adapter, stats: dict[str, torch.Tensor]):
         self.adapter, self.stats = adapter, stats
-        self.token_sums: dict[str, torch.Tensor] = {}
+        self.token_sums: dict[str, tuple[torch.Tensor, int]] = {}
 
     def attach(self, index: int, layer: nn.Module) -> list:
         handles = []
@@ -43,8 +44,8 @@ class _ChannelMaxima:
                 rows = x.reshape(-1, x.shape[-1]).abs()
                 m = rows.amax(0).float().cpu()
                 self.stats[key] = m if key not in self.stats else torch.maximum(self.stats[key], m)
-                total = torch.tensor([rows.amax(1).double().sum().item(), rows.shape[0]], dtype=torch.float64)
-                self.token_sums[key] = total + self.token_sums.get(key, 0)
+                total, count = self.token_sums.get(key, (0, 0))
+                self.token_sums[key] = (rows.amax(1).double().sum() + total, count + rows.shape[0])
 
             handles.append(layer.get_submodule(group.linears[0]).register_forward_pre_hook(hook))
         return handles
@@ -99,7 +100,8 @@ def calibrate(ctx: Context, model_spec: str, planned_group: int | None = None) -
         ctx.reporter.info(f"calibrate: {idle} of {sum(map(len, routed.values()))} experts got no routed tokens; "
                           "every expert's statistics use all tokens (all-expert capture)")
     stats.update({f"{k}.act_absmax": v for k, v in maxima.items()})
-    stats.update({f"{k}.token_absmax_mean": (v[0] / v[1]).float().reshape(1) for k, v in capture.token_sums.items()})
+    stats.update({f"{k}.token_absmax_mean": (total.cpu() / count).float().reshape(1)
+                  for k, (total, count) in capture.token_sums.items()})
     digest = write_tensors(ctx.stage_dir("calibrate") / "stats.safetensors", {"tokens": tokens, **stats})
     return write_manifest(
         ctx.stage_dir("calibrate"), "calibrate", options, inputs, {"stats.safetensors": digest},

@@ -45,10 +45,15 @@ def _online_orders(model, adapter) -> dict[str, tuple[int, int]]:
             for name, m in layer_linears(decoder_layers(model, adapter)[0], adapter).items() if m.online_signs is not None}
 
 
-def _per_token_linears(model, adapter) -> list[str]:
-    """The packed linears without a static input scale (all of them under dynamic activations)."""
-    return [f"{adapter.layers}.{index}.{name}" for index, layer in enumerate(decoder_layers(model, adapter))
-            for name, m in layer_linears(layer, adapter).items() if m.input_scale is None]
+def _activation(model, adapter, act: str) -> tuple[str, list[str]]:
+    """The checkpoint's activation mode and its per-token linears: a static search whose inputs
+    partly kept per-token scales (--dynamic-above) is 'mixed', one where all did is 'dynamic'."""
+    scales = {f"{adapter.layers}.{index}.{name}": m.input_scale is None
+              for index, layer in enumerate(decoder_layers(model, adapter)) for name, m in layer_linears(layer, adapter).items()}
+    per_token = [name for name, dynamic in scales.items() if dynamic]
+    if act != "static" or not per_token:
+        return act, []
+    return ("dynamic", []) if len(per_token) == len(scales) else ("mixed", per_token)
 
 
 def _pack_options(output: Path) -> dict:
@@ -63,18 +68,15 @@ def pack(ctx: Context, output: Path) -> dict:
     model, tokenizer, adapter, fmt, search_manifest, calib = quantized_model(ctx)
     opts = search_manifest["options"]
     dtype = next(model.parameters()).dtype
-    per_token = _per_token_linears(model, adapter)
-    every = sum(1 for layer in decoder_layers(model, adapter) for _ in layer_linears(layer, adapter))
-    act = "dynamic" if opts["act"] == "static" and len(per_token) == every else opts["act"]  # none kept static
+    act, per_token = _activation(model, adapter, opts["act"])
     qconfig = quantization_config(adapter, fmt, opts["method"], opts["group"], act, dtype, per_token)
     qconfig["source_model_sha256"] = calib["inputs"]["model"]  # lets verify tell a wrong reference model
     qconfig = with_rotation(qconfig, rotation_of(calib), calib["options"]["seed"], _online_orders(model, adapter))
     manifest = write_checkpoint(model, tokenizer, qconfig, output, force=True)
     write_manifest(ctx.stage_dir("pack"), "pack", _pack_options(output), {"search": search_manifest["fingerprint"]}, {},
                    checkpoint=manifest["files"], resources=usage.snapshot())
-    per_token = len(qconfig.get("per_token_linears", ()))
-    act = f"mixed: static, {per_token} linears per token" if per_token else opts["act"]
-    ctx.reporter.info(f"pack: wrote {output} ({fmt} format, {opts['method']}, g{opts['group']}, {act})")
+    shown = f"mixed: static, {len(per_token)} linears per token" if per_token else act
+    ctx.reporter.info(f"pack: wrote {output} ({fmt} format, {opts['method']}, g{opts['group']}, {shown})")
     return manifest
 
 
