@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", help="subset of recipe names (substring match, any of them)")
     parser.add_argument("--calib-data", default="ptb")
     parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--seqlen", type=int, default=2048, help="calibration window length")
+    parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length (the GPTQ protocol's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoothing-strength", type=float, default=0.8, help="llm-compressor's default")
     parser.add_argument("--dtype", default="float16")
@@ -114,7 +115,7 @@ def main() -> None:
         oneshot(model=model, dataset=calibration, recipe=modifiers, max_seq_length=args.seqlen,
                 num_calibration_samples=args.nsamples)
         seconds[name] = time.time() - start
-        table[name] = score_model(model, tokenizer, args.tasks, seqlen=args.seqlen, limit=args.limit,
+        table[name] = score_model(model, tokenizer, args.tasks, seqlen=args.eval_seqlen, limit=args.limit,
                                   batch_size=args.batch_size, data_dir=args.data_dir, device=device)
         print(name, {t: headline(r) for t, r in table[name].items()}, flush=True)
         write_results(args.out, args, table, seconds)
@@ -124,7 +125,7 @@ def main() -> None:
 
 
 def write_results(out: Path, args, table: dict, seconds: dict) -> None:
-    settings = {k: getattr(args, k) for k in ("model", "group", "calib_data", "nsamples", "seqlen", "seed",
+    settings = {k: getattr(args, k) for k in ("model", "group", "calib_data", "nsamples", "seqlen", "eval_seqlen", "seed",
                                               "smoothing_strength", "dtype", "limit")}
     (out / "PEERS.json").write_text(json.dumps({"settings": settings, "results": table, "oneshot_seconds": seconds},
                                                indent=2))
