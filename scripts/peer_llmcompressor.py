@@ -125,8 +125,8 @@ def main() -> None:
 
 
 def write_results(out: Path, args, table: dict, seconds: dict) -> None:
-    settings = {k: getattr(args, k) for k in ("model", "group", "calib_data", "nsamples", "seqlen", "eval_seqlen", "seed",
-                                              "smoothing_strength", "dtype", "limit")}
+    settings = {k: getattr(args, k) for k in ("model", "group", "calib_data", "nsamples", "seqlen", "eval_seqlen",
+                                              "seed", "smoothing_strength", "dtype", "limit")}
     (out / "PEERS.json").write_text(json.dumps({"settings": settings, "results": table, "oneshot_seconds": seconds},
                                                indent=2))
     lines = ["| recipe | " + " | ".join(args.tasks) + " | oneshot s |", "|---" * (len(args.tasks) + 2) + "|"]

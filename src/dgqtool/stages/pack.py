@@ -48,12 +48,14 @@ def _online_orders(model, adapter) -> dict[str, tuple[int, int]]:
 def _activation(model, adapter, act: str) -> tuple[str, list[str]]:
     """The checkpoint's activation mode and its per-token linears: a static search whose inputs
     partly kept per-token scales (--dynamic-above) is 'mixed', one where all did is 'dynamic'."""
-    scales = {f"{adapter.layers}.{index}.{name}": m.input_scale is None
-              for index, layer in enumerate(decoder_layers(model, adapter)) for name, m in layer_linears(layer, adapter).items()}
-    per_token = [name for name, dynamic in scales.items() if dynamic]
-    if act != "static" or not per_token:
+    if act != "static":
         return act, []
-    return ("dynamic", []) if len(per_token) == len(scales) else ("mixed", per_token)
+    linears = [(f"{adapter.layers}.{index}.{name}", m) for index, layer in enumerate(decoder_layers(model, adapter))
+               for name, m in layer_linears(layer, adapter).items()]
+    per_token = [name for name, m in linears if m.input_scale is None]
+    if not per_token:
+        return act, []
+    return ("dynamic", []) if len(per_token) == len(linears) else ("mixed", per_token)
 
 
 def _pack_options(output: Path) -> dict:
