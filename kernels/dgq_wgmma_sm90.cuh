@@ -75,21 +75,25 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
 
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+// Barriers and shared memory by 32-bit shared address as well as by pointer: the consumers' main
+// loop computes one address per stage instead of pointer arithmetic and a conversion per access.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) { mbar_arrive(smem_addr(bar)); }
 
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
       "WAIT_%=:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
       "@!p bra WAIT_%=;\n"
-      "}\n" ::"r"(smem_addr(bar)),
+      "}\n" ::"r"(bar),
       "r"(parity)
       : "memory");
 }
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) { mbar_wait(smem_addr(bar), parity); }
 
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int x, int y) {
   asm volatile(
@@ -142,16 +146,15 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 __device__ __forceinline__ void wait_for_producer() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 // K-major operand in the 128-byte swizzle: rows of 128 bytes, 8-row atoms 1024 bytes apart.
-__device__ __forceinline__ uint64_t smem_descriptor(const void* p) {
-  const uint64_t addr = smem_addr(p);
-  return ((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
-}
+// Split in its two words: the main loop moves the start address (low word, 16-byte units, below
+// 2^14 for any shared address) by 32-bit adds, the high word is one constant.
+__device__ __forceinline__ uint32_t smem_descriptor_lo(const void* p) { return ((smem_addr(p) & 0x3FFFF) >> 4) | (1u << 16); }
+constexpr uint32_t kDescriptorHi = (1024 >> 4) | (1u << 30);
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t lo) { return (uint64_t{kDescriptorHi} << 32) | lo; }
 
-__device__ __forceinline__ uint4 lds128(const void* p) {
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(smem_addr(p)));
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
   return v;
 }
 
@@ -294,8 +297,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) row[mt][h] = (cw * MT + mt) * 64 + 16 * warp + 8 * h + g;
   const uint32_t staging = smem_addr(staging_smem), sx_smem = staging + L::kChunk * L::kStagingRow;
-
-  int filled = 0;  // stages consumed before this unit, over all units (the producer's g)
+  // Stage-0 addresses; a stage's are these plus a multiple of its size. The stage index and the
+  // full barrier's parity advance with each step (no division by STAGES in the loop).
+  const uint32_t full0 = smem_addr(full), empty0 = smem_addr(empty);
+  const uint32_t desc_lo0 = smem_descriptor_lo(tokens_smem);
+  uint32_t code_row[MT][2];  // this thread's 16-byte code word of each row
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) code_row[mt][h] = smem_addr(codes_smem) + row[mt][h] * kCodeBytes + 16 * t;
+  uint32_t stage = 0, phase = 0;  // the next stage to consume and its parity, over all units
   int u = blockIdx.x;
   do {
     const Unit w = unit_at<BM, BN>(p, u);
@@ -349,30 +360,31 @@ __global__ void __launch_bounds__(kThreads, 1)
     // while the next step's codes are converted into the other set; wait_group 1 after each commit
     // retires the step before, whose registers and stage are then free.
     uint32_t areg[2][MT][4][4];
-    auto release = [&](int stage) {
+    auto release = [&](uint32_t s) {
       if (lane != 0) return;
       if constexpr (CL > 1) {
 #pragma unroll
-        for (int c = 0; c < CL; ++c) mbar_arrive_cluster(&empty[stage], c);
+        for (int c = 0; c < CL; ++c) mbar_arrive_cluster(&empty[s], c);
       } else {
-        mbar_arrive(&empty[stage]);
+        mbar_arrive(empty0 + 8 * s);
       }
     };
+    uint32_t previous = 0;  // the stage of the step before, released once its wgmmas retire
     auto do_step = [&](const int it, uint32_t (&a)[MT][4][4]) {
-      const int gi = filled + it, s = gi % STAGES;
-      mbar_wait(&full[s], (gi / STAGES) & 1);
+      const uint32_t s = stage;
+      mbar_wait(full0 + 8 * s, phase);
       uint4 q[MT][2];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) q[mt][h] = lds128(codes_smem + s * L::kCodeStage + row[mt][h] * kCodeBytes + 16 * t);
+        for (int h = 0; h < 2; ++h) q[mt][h] = lds128(code_row[mt][h] + s * L::kCodeStage);
       uint32_t sc[MT][2], cc[MT][2];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) sc[mt][h] = scale[mt][h], cc[mt][h] = cst[mt][h];
       if (it + 1 < w.steps) load_scales(w.first_step + it + 1);  // in flight during this step's MMAs
-      const uint64_t desc = smem_descriptor(tokens_smem + s * L::kTokenBytes);
+      const uint32_t desc_lo = desc_lo0 + s * (L::kTokenBytes >> 4);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -391,13 +403,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
-          WgmmaRS<BN>::mma(acc[mt], a[mt][j][0], a[mt][j][1], a[mt][j][2], a[mt][j][3], desc + 2 * j);
+          WgmmaRS<BN>::mma(acc[mt], a[mt][j][0], a[mt][j][1], a[mt][j][2], a[mt][j][3], smem_descriptor(desc_lo + 2 * j));
       wgmma_commit();
       wgmma_wait<1>();
-      if (it > 0) release((gi - 1) % STAGES);
+      if (it > 0) release(previous);
+      previous = s;
+      if (++stage == STAGES) stage = 0, phase ^= 1;
     };
     if (p.trace != nullptr) {
-      mbar_wait(&full[filled % STAGES], (filled / STAGES) & 1);
+      mbar_wait(full0 + 8 * stage, phase);
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_data));
     }
     int it = 0;
@@ -407,8 +421,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (it < w.steps) do_step(it, areg[0]);
     wgmma_wait<0>();
-    release((filled + w.steps - 1) % STAGES);
-    filled += w.steps;
+    release(previous);
     if (p.trace != nullptr) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_main));
     if constexpr (CL > 1) cluster_sync();
 #pragma unroll
