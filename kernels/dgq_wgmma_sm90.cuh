@@ -75,12 +75,12 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
 
-// Barriers and shared memory by 32-bit shared address as well as by pointer: the consumers' main
-// loop computes one address per stage instead of pointer arithmetic and a conversion per access.
+// Barriers and shared memory by 32-bit shared address (the producer's waits also by pointer): the
+// consumers' main loop computes one address per stage instead of pointer arithmetic and a
+// conversion per access.
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) { mbar_arrive(smem_addr(bar)); }
 
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   asm volatile(
