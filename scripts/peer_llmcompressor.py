@@ -55,8 +55,9 @@ def recipes(group: int, smoothing_strength: float) -> dict[str, list]:
     def smooth() -> SmoothQuantModifier:
         return SmoothQuantModifier(smoothing_strength=smoothing_strength)
 
-    def quip() -> QuIPModifier:
-        return QuIPModifier(rotations=["v"], transform_type="random-hadamard", ignore="lm_head")
+    def quip(*targets: str) -> QuIPModifier:
+        where = {"targets": [f"re:.*{t}$" for t in targets]} if targets else {}
+        return QuIPModifier(rotations=["v"], transform_type="random-hadamard", ignore="lm_head", **where)
 
     def spinquant(*rotations: str) -> SpinQuantModifier:
         return SpinQuantModifier(rotations=list(rotations), transform_type="random-hadamard")
@@ -71,6 +72,9 @@ def recipes(group: int, smoothing_strength: float) -> dict[str, list]:
         }
     # R4: an online Hadamard on down_proj's input, the rotation dgq measured but does not build
     table["llm-compressor SpinQuant R1 R2 R4 + GPTQ, asymmetric"] = [spinquant("R1", "R2", "R4"), gptq(False)]
+    # the rotations of dgq's --online-rotation down-o: the residual offline, o_proj's and down_proj's inputs online
+    table["llm-compressor SpinQuant R1 + QuIP on o_proj and down_proj + GPTQ, asymmetric"] = [
+        spinquant("R1"), quip("o_proj", "down_proj"), gptq(False)]
     return table
 
 
